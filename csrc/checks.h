@@ -1,0 +1,22 @@
+// Defensive checks at the C++ boundary. Python validates arguments first with friendlier messages;
+// these keep the kernels from reading out of bounds when they are called directly or under compile.
+#pragma once
+#include <torch/extension.h>
+
+namespace fastrlhf {
+
+inline void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK(t.sizes() == like.sizes(), name, ": expected shape ", like.sizes(), ", got ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+}
+
+}  // namespace fastrlhf

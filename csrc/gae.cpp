@@ -1,0 +1,230 @@
+// GAE on CPU: the reverse recurrence of fastrlhf.gae (see fastrlhf/ops/gae.py for the semantics) and
+// its transpose, a forward recurrence, for the backward.
+//
+// Sequences are flat [N] tensors cut by offsets [S + 1]. A single sequence is a chain of dependent
+// multiply-adds, bound by their latency, so each thread advances LANES sequences in lockstep: their
+// chains are independent and the CPU overlaps them. Threads split the sequences (at::parallel_for).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+
+#include "checks.h"
+
+namespace fastrlhf {
+namespace {
+
+constexpr int LANES = 8;
+
+template <typename acc_t>
+struct Coefficients {
+  const acc_t* gamma;
+  const acc_t* lam;
+  const acc_t* returns_lam;  // lam when the returns use the same lambda
+  const bool* mask;          // null: every token is a step
+  const bool* dones;         // null: no episode ends inside a sequence
+  const int64_t* offsets;
+  int64_t rows;
+  bool zero_masked;
+};
+
+template <typename acc_t>
+Coefficients<acc_t> coefficients(const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& dones,
+                                 const at::Tensor& offsets, const at::Tensor& gamma, const at::Tensor& lam,
+                                 const c10::optional<at::Tensor>& returns_lam, bool zero_masked, int64_t n) {
+  const int64_t rows = offsets.numel() - 1;
+  check_cpu_contiguous(offsets, "offsets");
+  check_dtype(offsets, at::kLong, "offsets");
+  TORCH_CHECK(rows >= 0, "offsets: expected at least one element");
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[rows] == n, "offsets: expected to run from 0 to ", n, ", got ", o[0], " to ", o[rows]);
+  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values");
+  for (const at::Tensor* t : {&gamma, &lam}) {
+    check_cpu_contiguous(*t, "gamma/lam");
+    check_dtype(*t, c10::CppTypeToScalarType<acc_t>::value, "gamma/lam");
+    TORCH_CHECK(t->numel() == rows, "gamma/lam: expected ", rows, " values, got ", t->numel());
+  }
+  auto flag = [n](const c10::optional<at::Tensor>& t, const char* name) -> const bool* {
+    if (!t) return nullptr;
+    check_cpu_contiguous(*t, name);
+    check_dtype(*t, at::kBool, name);
+    TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
+    return t->data_ptr<bool>();
+  };
+  const acc_t* lam_r = lam.data_ptr<acc_t>();
+  if (returns_lam) {
+    check_like(*returns_lam, lam, "returns_lam");
+    check_dtype(*returns_lam, lam.scalar_type(), "returns_lam");
+    lam_r = returns_lam->data_ptr<acc_t>();
+  }
+  return {gamma.data_ptr<acc_t>(), lam.data_ptr<acc_t>(), lam_r, flag(mask, "mask"), flag(dones, "dones"), o,
+          rows, zero_masked};
+}
+
+// Calls step(lane, t) for every position of sequences [first, last), LANES sequences at a time, each
+// lane walking its own sequence from position `from_end ? end - 1 : start` inwards.
+template <bool from_end, typename Init, typename Step, typename Finish>
+inline void for_lanes(const int64_t* offsets, int64_t first, int64_t last, Init init, Step step, Finish finish) {
+  for (int64_t group = first; group < last; group += LANES) {
+    const int lanes = static_cast<int>(std::min<int64_t>(LANES, last - group));
+    int64_t longest = 0;
+    for (int k = 0; k < lanes; ++k) {
+      init(k, group + k);
+      longest = std::max(longest, offsets[group + k + 1] - offsets[group + k]);
+    }
+    for (int64_t i = 0; i < longest; ++i) {
+      for (int k = 0; k < lanes; ++k) {
+        const int64_t start = offsets[group + k], end = offsets[group + k + 1];
+        if (i < end - start) step(k, from_end ? end - 1 - i : start + i);
+      }
+    }
+    for (int k = 0; k < lanes; ++k) finish(k, group + k);
+  }
+}
+
+int64_t grain(int64_t n, int64_t rows) {
+  // About 64k positions per task: enough to amortise a task, small enough to balance two cores.
+  return std::max<int64_t>(LANES, rows * 65536 / std::max<int64_t>(n, 1));
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& rewards, const at::Tensor& values, const c10::optional<at::Tensor>& bootstrap,
+                  const Coefficients<at::opmath_type<scalar_t>>& c, at::Tensor& advantages, at::Tensor& returns) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* r = rewards.data_ptr<scalar_t>();
+  const scalar_t* v = values.data_ptr<scalar_t>();
+  const scalar_t* boot = bootstrap ? bootstrap->data_ptr<scalar_t>() : nullptr;
+  scalar_t* adv_out = advantages.data_ptr<scalar_t>();
+  scalar_t* ret_out = returns.data_ptr<scalar_t>();
+  at::parallel_for(0, c.rows, grain(rewards.numel(), c.rows), [&](int64_t first, int64_t last) {
+    acc_t next_value[LANES], adv[LANES], adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
+    for_lanes<true>(
+        c.offsets, first, last,
+        [&](int k, int64_t s) {
+          next_value[k] = boot ? static_cast<acc_t>(boot[s]) : acc_t(0);
+          adv[k] = adv_r[k] = 0;
+          gamma[k] = c.gamma[s];
+          gl[k] = c.gamma[s] * c.lam[s];
+          gl_r[k] = c.gamma[s] * c.returns_lam[s];
+        },
+        [&](int k, int64_t t) {
+          if (c.dones && c.dones[t]) next_value[k] = adv[k] = adv_r[k] = 0;
+          const bool keep = !c.mask || c.mask[t];
+          // Zero mode reads 0 for a masked reward and value and still takes the step; skip mode
+          // passes the carry through. Selects, not multiplies, so NaN at a masked token stays out.
+          const bool step = keep || c.zero_masked;
+          const acc_t value = (keep || !c.zero_masked) ? static_cast<acc_t>(v[t]) : acc_t(0);
+          const acc_t reward = keep ? static_cast<acc_t>(r[t]) : acc_t(0);
+          const acc_t delta = reward + gamma[k] * next_value[k] - value;
+          adv[k] = step ? delta + gl[k] * adv[k] : adv[k];
+          adv_r[k] = step ? delta + gl_r[k] * adv_r[k] : adv_r[k];
+          next_value[k] = step ? value : next_value[k];
+          adv_out[t] = static_cast<scalar_t>(adv[k]);
+          ret_out[t] = static_cast<scalar_t>(adv_r[k] + value);
+        },
+        [](int, int64_t) {});
+  });
+}
+
+// The transpose: adjoints of (advantage, return-advantage, next value) flow forward in time.
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_adv, const at::Tensor& grad_ret,
+                   const Coefficients<at::opmath_type<scalar_t>>& c, at::Tensor& grad_rewards,
+                   at::Tensor& grad_values, at::Tensor& grad_bootstrap) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* ga = grad_adv.data_ptr<scalar_t>();
+  const scalar_t* gr = grad_ret.data_ptr<scalar_t>();
+  scalar_t* grad_r = grad_rewards.data_ptr<scalar_t>();
+  scalar_t* grad_v = grad_values.data_ptr<scalar_t>();
+  scalar_t* grad_b = grad_bootstrap.data_ptr<scalar_t>();
+  at::parallel_for(0, c.rows, grain(grad_adv.numel(), c.rows), [&](int64_t first, int64_t last) {
+    acc_t carry_value[LANES], carry_adv[LANES], carry_adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
+    for_lanes<false>(
+        c.offsets, first, last,
+        [&](int k, int64_t s) {
+          carry_value[k] = carry_adv[k] = carry_adv_r[k] = 0;
+          gamma[k] = c.gamma[s];
+          gl[k] = c.gamma[s] * c.lam[s];
+          gl_r[k] = c.gamma[s] * c.returns_lam[s];
+        },
+        [&](int k, int64_t t) {
+          const acc_t g_adv = static_cast<acc_t>(ga[t]) + carry_adv[k];
+          const acc_t g_ret = static_cast<acc_t>(gr[t]);
+          const acc_t g_adv_r = g_ret + carry_adv_r[k];
+          const bool keep = !c.mask || c.mask[t];
+          const bool step = keep || c.zero_masked;
+          const acc_t g_delta = g_adv + g_adv_r;
+          const acc_t g_value = step ? g_ret - g_delta + carry_value[k] : g_ret;
+          grad_r[t] = static_cast<scalar_t>(keep ? g_delta : acc_t(0));
+          grad_v[t] = static_cast<scalar_t>((keep || !c.zero_masked) ? g_value : acc_t(0));
+          const acc_t cut = (c.dones && c.dones[t]) ? acc_t(0) : acc_t(1);
+          carry_value[k] = cut * (step ? gamma[k] * g_delta : carry_value[k]);
+          carry_adv[k] = cut * (step ? gl[k] * g_adv : g_adv);
+          carry_adv_r[k] = cut * (step ? gl_r[k] * g_adv_r : g_adv_r);
+        },
+        [&](int k, int64_t s) { grad_b[s] = static_cast<scalar_t>(carry_value[k]); });
+  });
+}
+
+void gae_forward(const at::Tensor& rewards, const at::Tensor& values, const c10::optional<at::Tensor>& mask,
+                 const c10::optional<at::Tensor>& dones, const c10::optional<at::Tensor>& bootstrap_value,
+                 const at::Tensor& offsets, const at::Tensor& gamma, const at::Tensor& lam,
+                 const c10::optional<at::Tensor>& returns_lam, bool zero_masked, at::Tensor& advantages,
+                 at::Tensor& returns) {
+  check_cpu_contiguous(rewards, "rewards");
+  check_like(values, rewards, "values");
+  check_dtype(values, rewards.scalar_type(), "values");
+  check_like(advantages, rewards, "advantages");
+  check_like(returns, rewards, "returns");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto c = coefficients<acc_t>(mask, dones, offsets, gamma, lam, returns_lam, zero_masked, rewards.numel());
+    if (bootstrap_value) {
+      check_cpu_contiguous(*bootstrap_value, "bootstrap_value");
+      check_dtype(*bootstrap_value, rewards.scalar_type(), "bootstrap_value");
+      TORCH_CHECK(bootstrap_value->numel() == c.rows, "bootstrap_value: expected ", c.rows, " values");
+    }
+    forward_impl<scalar_t>(rewards, values, bootstrap_value, c, advantages, returns);
+  });
+}
+
+void gae_backward(const at::Tensor& grad_advantages, const at::Tensor& grad_returns,
+                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& dones,
+                  const at::Tensor& offsets, const at::Tensor& gamma, const at::Tensor& lam,
+                  const c10::optional<at::Tensor>& returns_lam, bool zero_masked, at::Tensor& grad_rewards,
+                  at::Tensor& grad_values, at::Tensor& grad_bootstrap) {
+  check_cpu_contiguous(grad_advantages, "grad_advantages");
+  check_like(grad_returns, grad_advantages, "grad_returns");
+  check_dtype(grad_returns, grad_advantages.scalar_type(), "grad_returns");
+  check_like(grad_rewards, grad_advantages, "grad_rewards");
+  check_like(grad_values, grad_advantages, "grad_values");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_advantages.scalar_type(), "gae_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto c =
+        coefficients<acc_t>(mask, dones, offsets, gamma, lam, returns_lam, zero_masked, grad_advantages.numel());
+    check_cpu_contiguous(grad_bootstrap, "grad_bootstrap");
+    TORCH_CHECK(grad_bootstrap.numel() == c.rows, "grad_bootstrap: expected ", c.rows, " values");
+    backward_impl<scalar_t>(grad_advantages, grad_returns, c, grad_rewards, grad_values, grad_bootstrap);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastrlhf_cpp, m) {
+  m.def(
+      "gae_forward(Tensor rewards, Tensor values, Tensor? mask, Tensor? dones, Tensor? bootstrap_value, "
+      "Tensor offsets, Tensor gamma, Tensor lam, Tensor? returns_lam, bool zero_masked, Tensor(a!) advantages, "
+      "Tensor(b!) returns) -> ()");
+  m.def(
+      "gae_backward(Tensor grad_advantages, Tensor grad_returns, Tensor? mask, Tensor? dones, Tensor offsets, "
+      "Tensor gamma, Tensor lam, Tensor? returns_lam, bool zero_masked, Tensor(a!) grad_rewards, "
+      "Tensor(b!) grad_values, Tensor(c!) grad_bootstrap) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastrlhf_cpp, CPU, m) {
+  m.impl("gae_forward", &gae_forward);
+  m.impl("gae_backward", &gae_backward);
+}
+
+}  // namespace fastrlhf

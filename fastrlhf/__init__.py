@@ -1,0 +1,8 @@
+"""fastrlhf: fused, memory-lean kernels for RLHF, exposed as torch autograd ops."""
+
+from fastrlhf.backend import BACKENDS, use_backend
+from fastrlhf.ops.gae import gae
+from fastrlhf.ops.whiten import masked_whiten
+
+__all__ = ["BACKENDS", "gae", "masked_whiten", "use_backend"]
+__version__ = "0.1.0"
