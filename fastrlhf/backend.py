@@ -4,6 +4,10 @@ By default CPU tensors run the C++ kernels and CUDA tensors the Triton kernels. 
 context manager) or the environment variable ``FASTRLHF_BACKEND`` forces one of ``BACKENDS``; forcing
 ``"triton"`` on CPU tensors runs the Triton kernels under the Triton interpreter, which is how the
 kernels are tested on machines without a GPU.
+
+Triton decides between compiling and interpreting when ``triton.language`` is first imported, so on a
+machine without CUDA, importing fastrlhf sets ``TRITON_INTERPRET=1`` (unless it is set already): there
+the interpreter is the only way Triton kernels can run at all.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
 from types import ModuleType
 from typing import Iterator
@@ -19,6 +24,9 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton")
 _forced = threading.local()
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _check_name(name: str, where: str) -> str:
@@ -89,21 +97,14 @@ def cpp_ops():
 
 
 def triton_kernels(name: str, device: torch.device) -> ModuleType:
-    """Import ``fastrlhf.kernels.<name>``; on CPU tensors, under the Triton interpreter.
-
-    The interpreter must be switched on before ``triton.jit`` decorates the kernels, so the first
-    import of any kernel module decides the mode for the whole process.
-    """
-    interpret = device.type == "cpu"
-    already = [m for m in _kernel_modules() if m in importlib.sys.modules]
-    if interpret and not already:
-        os.environ["TRITON_INTERPRET"] = "1"
+    """Import ``fastrlhf.kernels.<name>``, whose kernels run on ``device`` (CPU: the interpreter)."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret != interpreting:
+    if (device.type == "cpu") != interpreting:
         raise RuntimeError(
-            f"Triton kernels were loaded {'under' if interpreting else 'without'} the interpreter, "
-            f"so they cannot run on {device} tensors in this process; run CPU and GPU Triton "
-            "work in separate processes"
+            f"Triton runs {'under' if interpreting else 'without'} its interpreter in this process, so "
+            f"its kernels cannot take {device} tensors here. The mode is fixed when triton is first "
+            "imported: set TRITON_INTERPRET=1 before importing torch for CPU tensors, and leave it unset "
+            "for GPU tensors."
         )
     try:
         return importlib.import_module(f"fastrlhf.kernels.{name}")
@@ -111,9 +112,3 @@ def triton_kernels(name: str, device: torch.device) -> ModuleType:
         if "triton" in str(err):
             raise RuntimeError("the triton backend needs `pip install triton`") from err
         raise
-
-
-def _kernel_modules() -> list[str]:
-    from fastrlhf import kernels
-
-    return [f"fastrlhf.kernels.{n}" for n in kernels.NAMES]

@@ -1,0 +1,237 @@
+"""Triton kernels of ``fastrlhf.gae``: the reverse GAE recurrence as tiled associative scans.
+
+Each program owns ``BLOCK_S`` sequences and walks their time axis in tiles of ``BLOCK_T`` positions,
+aligned to each sequence's end (forward) or start (backward), so loads are coalesced along time and any
+length works. Within a tile every chain is a linear recurrence ``x_t = a_t x_{t+1} + b_t``, solved by
+``tl.associative_scan`` over the affine maps ``(a, b)``; the value at the tile's edge is carried into the
+next tile. Masked positions, positions outside a sequence and ``dones`` cuts are all expressed through
+``(a, b)``: an identity map ``(1, 0)`` makes a position transparent, ``a = 0`` cuts the chain.
+
+Short sequences (T <= ``BLOCK_T``) get one tile and many sequences per program; long ones get few
+sequences per program and many tiles, so both keep a program's tile near 2k elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_ELEMENTS = 2048
+MAX_BLOCK_T = 1024
+# 8 positions per thread: five fp32 chains per position stay in registers without spilling.
+NUM_WARPS = 8
+
+
+@triton.jit
+def _compose(a_acc, b_acc, a, b):
+    # The map accumulated from the scan's origin, then this position's map: x = a (a_acc c + b_acc) + b.
+    return a_acc * a, b_acc * a + b
+
+
+@triton.jit
+def _edge(x, j, edge: tl.constexpr):
+    """The value of each row of ``x`` at tile column ``edge`` (a [BLOCK_S] vector)."""
+    return tl.sum(tl.where(j[None, :] == edge, x, 0.0), axis=1)
+
+
+@triton.jit
+def _flags(mask_ptr, dones_ptr, pos, inside, HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr,
+           ZERO_MASKED: tl.constexpr):
+    """Per position: ``keep`` (unmasked and inside), ``step`` (takes a GAE step), ``cut`` (done)."""
+    if HAS_MASK:
+        keep = (tl.load(mask_ptr + pos, mask=inside, other=0) != 0) & inside
+    else:
+        keep = inside
+    if ZERO_MASKED:
+        step = inside
+    else:
+        step = keep
+    if HAS_DONES:
+        cut = (tl.load(dones_ptr + pos, mask=inside, other=0) != 0) & inside
+    else:
+        cut = tl.zeros(pos.shape, tl.int1)
+    return keep, step, cut
+
+
+@triton.jit
+def _value(v_ptr, pos, inside, keep, ZERO_MASKED: tl.constexpr, ACC: tl.constexpr):
+    """The value a position contributes: zero mode reads 0 where masked, skip mode the stored value."""
+    v = tl.load(v_ptr + pos, mask=inside, other=0.0).to(ACC)
+    if ZERO_MASKED:
+        v = tl.where(keep, v, 0.0)
+    return v
+
+
+@triton.jit
+def gae_forward_kernel(r_ptr, v_ptr, mask_ptr, dones_ptr, boot_ptr, offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
+                       adv_ptr, ret_ptr, num_seqs, HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr,
+                       HAS_BOOT: tl.constexpr, ZERO_MASKED: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if r_ptr.dtype.element_ty == tl.float64 else tl.float32
+    seq = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    live = seq < num_seqs
+    start = tl.load(offsets_ptr + seq, mask=live, other=0)
+    end = tl.load(offsets_ptr + seq + 1, mask=live, other=0)
+    gamma = tl.load(gamma_ptr + seq, mask=live, other=0.0).to(ACC)
+    gl = gamma * tl.load(lam_ptr + seq, mask=live, other=0.0).to(ACC)
+    gl_r = gamma * tl.load(lam_r_ptr + seq, mask=live, other=0.0).to(ACC)
+    if HAS_BOOT:
+        next_value = tl.load(boot_ptr + seq, mask=live, other=0.0).to(ACC)
+    else:
+        next_value = tl.zeros([BLOCK_S], ACC)
+    adv_carry = tl.zeros([BLOCK_S], ACC)
+    adv_r_carry = tl.zeros([BLOCK_S], ACC)
+    j = tl.arange(0, BLOCK_T)
+    tiles = tl.max(tl.cdiv(end - start, BLOCK_T), axis=0)
+    for k in range(0, tiles):
+        pos = end[:, None] - (k + 1) * BLOCK_T + j[None, :]
+        inside = pos >= start[:, None]
+        keep, step, cut = _flags(mask_ptr, dones_ptr, pos, inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
+        value = _value(v_ptr, pos, inside, keep, ZERO_MASKED, ACC)
+        reward = tl.where(keep, tl.load(r_ptr + pos, mask=inside, other=0.0).to(ACC), 0.0)
+
+        # The next value seen from t is the value of the nearest step after t: a chain over t + 1.
+        nxt = pos + 1
+        nxt_inside = inside & (nxt < end[:, None])
+        keep1, step1, cut1 = _flags(mask_ptr, dones_ptr, nxt, nxt_inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
+        value1 = _value(v_ptr, nxt, nxt_inside, keep1, ZERO_MASKED, ACC)
+        a = tl.where(step1 | cut1, 0.0, 1.0).to(ACC)
+        b = tl.where(step1, value1, 0.0)
+        na, nb = tl.associative_scan((a, b), 1, _compose, reverse=True)
+        after = na * next_value[:, None] + nb
+        seen = tl.where(cut, 0.0, after)
+
+        delta = tl.where(step, reward + gamma[:, None] * seen - value, 0.0)
+        keep_chain = tl.where(cut, 0.0, 1.0).to(ACC)
+        a = keep_chain * tl.where(step, gl[:, None], 1.0)
+        aa, ab = tl.associative_scan((a, delta), 1, _compose, reverse=True)
+        adv = aa * adv_carry[:, None] + ab
+        a = keep_chain * tl.where(step, gl_r[:, None], 1.0)
+        ra, rb = tl.associative_scan((a, delta), 1, _compose, reverse=True)
+        adv_r = ra * adv_r_carry[:, None] + rb
+
+        tl.store(adv_ptr + pos, adv.to(adv_ptr.dtype.element_ty), mask=inside)
+        tl.store(ret_ptr + pos, (adv_r + value).to(ret_ptr.dtype.element_ty), mask=inside)
+        # The next tile ends just before column 0: carry the chains' values there.
+        next_value = _edge(after, j, 0)
+        adv_carry = _edge(adv, j, 0)
+        adv_r_carry = _edge(adv_r, j, 0)
+
+
+@triton.jit
+def gae_backward_kernel(ga_ptr, gr_ptr, mask_ptr, dones_ptr, offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
+                        grad_r_ptr, grad_v_ptr, grad_b_ptr, num_seqs, HAS_MASK: tl.constexpr,
+                        HAS_DONES: tl.constexpr, ZERO_MASKED: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if ga_ptr.dtype.element_ty == tl.float64 else tl.float32
+    seq = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    live = seq < num_seqs
+    start = tl.load(offsets_ptr + seq, mask=live, other=0)
+    end = tl.load(offsets_ptr + seq + 1, mask=live, other=0)
+    gamma = tl.load(gamma_ptr + seq, mask=live, other=0.0).to(ACC)
+    gl = gamma * tl.load(lam_ptr + seq, mask=live, other=0.0).to(ACC)
+    gl_r = gamma * tl.load(lam_r_ptr + seq, mask=live, other=0.0).to(ACC)
+    adv_carry = tl.zeros([BLOCK_S], ACC)
+    adv_r_carry = tl.zeros([BLOCK_S], ACC)
+    value_carry = tl.zeros([BLOCK_S], ACC)
+    grad_boot = tl.zeros([BLOCK_S], ACC)
+    j = tl.arange(0, BLOCK_T)
+    tiles = tl.max(tl.cdiv(end - start, BLOCK_T), axis=0)
+    for k in range(0, tiles):
+        pos = start[:, None] + k * BLOCK_T + j[None, :]
+        inside = pos < end[:, None]
+        keep, step, cut = _flags(mask_ptr, dones_ptr, pos, inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
+        g_adv = tl.load(ga_ptr + pos, mask=inside, other=0.0).to(ACC)
+        g_ret = tl.load(gr_ptr + pos, mask=inside, other=0.0).to(ACC)
+
+        # Adjoints of the advantage chains flow forward with the coefficient that linked t - 1 to t.
+        prv = pos - 1
+        prv_inside = inside & (prv >= start[:, None])
+        _, step0, cut0 = _flags(mask_ptr, dones_ptr, prv, prv_inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
+        link = tl.where(cut0, 0.0, 1.0).to(ACC)
+        a = tl.where(inside, link * tl.where(step0, gl[:, None], 1.0), 1.0)
+        aa, ab = tl.associative_scan((a, g_adv), 1, _compose)
+        h_adv = aa * adv_carry[:, None] + ab
+        a = tl.where(inside, link * tl.where(step0, gl_r[:, None], 1.0), 1.0)
+        ra, rb = tl.associative_scan((a, g_ret), 1, _compose)
+        h_adv_r = ra * adv_r_carry[:, None] + rb
+        g_delta = tl.where(step, h_adv + h_adv_r, 0.0)
+
+        # u_t: the next-value adjoint that t passes to t + 1 (gamma * g_delta at a step, else relayed).
+        open_ = tl.where(cut, 0.0, 1.0).to(ACC)
+        a = tl.where(inside, open_ * tl.where(step, 0.0, 1.0), 1.0)
+        b = open_ * gamma[:, None] * g_delta
+        ua, ub = tl.associative_scan((a, b), 1, _compose)
+        u = ua * value_carry[:, None] + ub
+        # A value at t receives u_{t-1}: shift u by one position through the grad_values buffer.
+        tl.store(grad_v_ptr + pos, u.to(grad_v_ptr.dtype.element_ty), mask=inside)
+        tl.debug_barrier()
+        u_prev = tl.load(grad_v_ptr + prv, mask=prv_inside & (j[None, :] > 0), other=0.0).to(ACC)
+        u_prev = tl.where(j[None, :] == 0, value_carry[:, None], u_prev)
+        tl.debug_barrier()
+        g_value = g_ret + tl.where(step, u_prev - g_delta, 0.0)
+        if ZERO_MASKED:
+            g_value = tl.where(keep, g_value, 0.0)
+        tl.store(grad_r_ptr + pos, tl.where(keep, g_delta, 0.0).to(grad_r_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_v_ptr + pos, g_value.to(grad_v_ptr.dtype.element_ty), mask=inside)
+        grad_boot += tl.sum(tl.where(pos == end[:, None] - 1, u, 0.0), axis=1)
+        adv_carry = _edge(h_adv, j, BLOCK_T - 1)
+        adv_r_carry = _edge(h_adv_r, j, BLOCK_T - 1)
+        value_carry = _edge(u, j, BLOCK_T - 1)
+    tl.store(grad_b_ptr + seq, grad_boot.to(grad_b_ptr.dtype.element_ty), mask=live)
+
+
+def _blocks(n: int, rows: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_T): tiles of up to TILE_ELEMENTS positions, shaped by the mean sequence length,
+    with no more rows per program than there are sequences."""
+    mean_length = max(1, n // max(rows, 1))
+    block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(mean_length)))
+    return max(1, min(TILE_ELEMENTS // block_t, triton.next_power_of_2(max(rows, 1)))), block_t
+
+
+def _optional(t, like):
+    # Triton needs a pointer for every argument; a HAS_* constexpr keeps the kernel from reading it.
+    return like if t is None else t
+
+
+def gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, lam, returns_lam, zero_masked,
+                advantages, returns):
+    """Launches ``gae_forward_kernel``; arguments as ``torch.ops.fastrlhf.gae_forward`` (flat, checked)."""
+    rows = offsets.numel() - 1
+    block_s, block_t = _blocks(rewards.numel(), rows)
+    gae_forward_kernel[(triton.cdiv(rows, block_s),)](
+        rewards, values, _optional(mask, rewards), _optional(dones, rewards), _optional(bootstrap_value, rewards),
+        offsets, gamma, lam, _optional(returns_lam, lam), advantages, returns, rows,
+        HAS_MASK=mask is not None, HAS_DONES=dones is not None, HAS_BOOT=bootstrap_value is not None,
+        ZERO_MASKED=zero_masked, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
+
+
+def gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam, returns_lam, zero_masked,
+                 grad_rewards, grad_values, grad_bootstrap):
+    """Launches ``gae_backward_kernel``; arguments as ``torch.ops.fastrlhf.gae_backward``."""
+    rows = offsets.numel() - 1
+    block_s, block_t = _blocks(grad_advantages.numel(), rows)
+    gae_backward_kernel[(triton.cdiv(rows, block_s),)](
+        grad_advantages, grad_returns, _optional(mask, grad_advantages), _optional(dones, grad_advantages),
+        offsets, gamma, lam, _optional(returns_lam, lam), grad_rewards, grad_values, grad_bootstrap, rows,
+        HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked,
+        BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
+
+
+def aot_cases():
+    """(name, kernel, signature, constexprs) for ahead-of-time compilation: short and long sequences."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for block_s, block_t in (_blocks(256 * 512, 256), _blocks(16 * 16384, 16)):
+            flags = {"HAS_MASK": True, "HAS_DONES": True, "ZERO_MASKED": False, "BLOCK_S": block_s, "BLOCK_T": block_t}
+            common = {"mask_ptr": "*i1", "dones_ptr": "*i1", "offsets_ptr": "*i64", "gamma_ptr": "*fp32",
+                      "lam_ptr": "*fp32", "lam_r_ptr": "*fp32", "num_seqs": "i32"}
+            forward = {"r_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "boot_ptr": f"*{dtype}", "adv_ptr": f"*{dtype}",
+                       "ret_ptr": f"*{dtype}", **common}
+            backward = {"ga_ptr": f"*{dtype}", "gr_ptr": f"*{dtype}", "grad_r_ptr": f"*{dtype}",
+                        "grad_v_ptr": f"*{dtype}", "grad_b_ptr": f"*{dtype}", **common}
+            shape = f"{dtype} BLOCK_S={block_s} BLOCK_T={block_t}"
+            cases.append((f"gae_forward {shape}", gae_forward_kernel, forward, {**flags, "HAS_BOOT": True}))
+            cases.append((f"gae_backward {shape}", gae_backward_kernel, backward, flags))
+    return cases

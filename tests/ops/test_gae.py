@@ -1,0 +1,305 @@
+"""fastrlhf.gae and fastrlhf.masked_whiten against the plain-torch reference, on every backend."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastrlhf
+from fastrlhf import backend, reference
+
+F64 = torch.float64
+
+
+def inputs(B, T, dtype=F64, seed=0, holes=0.3, done_rate=0.1):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g, dtype=F64).to(dtype)
+    v = torch.randn(B, T, generator=g, dtype=F64).to(dtype)
+    mask = torch.rand(B, T, generator=g) > holes
+    dones = torch.rand(B, T, generator=g) < done_rate
+    boot = torch.randn(B, generator=g, dtype=F64).to(dtype)
+    return r, v, mask, dones, boot
+
+
+def padded_mask(B, T, seed, side):
+    """Each row holds a random number (>= 1) of valid tokens, padded on ``side``."""
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
+    cols = torch.arange(T)[None, :]
+    return cols < lengths[:, None] if side == "right" else cols >= T - lengths[:, None]
+
+
+def assert_matches_reference(r, v, mask=None, **kw):
+    got = fastrlhf.gae(r, v, mask, **kw)
+    want = reference.gae(r, v, mask, **kw)
+    for name, x, y in zip(("advantages", "returns"), got, want):
+        assert x.dtype == r.dtype, name
+        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+OPTIONS = {
+    "plain": {},
+    "gamma-lam": {"gamma": 0.99, "lam": 0.95},
+    "dones+bootstrap": {"dones": True, "bootstrap": True, "gamma": 0.9, "lam": 0.8},
+    "returns_lam": {"gamma": 0.97, "lam": 0.9, "returns_lam": 1.0},
+    "per-sequence": {"gamma": "tensor", "lam": "tensor", "bootstrap": True},
+    "zero-mode": {"mask_mode": "zero", "dones": True, "bootstrap": True, "gamma": 0.9, "lam": 0.7},
+}
+
+
+def build(option, r, v, mask, dones, boot):
+    kw = {k: x for k, x in option.items() if k not in ("dones", "bootstrap")}
+    if option.get("dones"):
+        kw["dones"] = dones
+    if option.get("bootstrap"):
+        kw["bootstrap_value"] = boot
+    for name in ("gamma", "lam"):
+        if kw.get(name) == "tensor":
+            kw[name] = torch.rand(r.shape[0], generator=torch.Generator().manual_seed(7), dtype=F64)
+    return kw
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 5), (5, 37), (2, 1100)])
+def test_matches_reference_float64(any_backend, option, B, T):
+    r, v, mask, dones, boot = inputs(B, T, seed=B * 1000 + T)
+    assert_matches_reference(r, v, mask, **build(OPTIONS[option], r, v, mask, dones, boot))
+
+
+@pytest.mark.parametrize("B,T", [(64, 4096), (300, 17)])
+def test_matches_reference_large_cpp(B, T):
+    r, v, mask, dones, boot = inputs(B, T, seed=T)
+    with backend.use_backend("cpp"):
+        assert_matches_reference(r, v, mask, dones=dones, bootstrap_value=boot, gamma=0.99, lam=0.95)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_reference(kernel_backend, side):
+    r, v, _, _, _ = inputs(6, 50, seed=3)
+    assert_matches_reference(r, v, padded_mask(6, 50, 3, side))
+
+
+@pytest.mark.parametrize("mask_mode", ["skip", "zero"])
+@pytest.mark.parametrize("garbage", [1e6, math.inf, -math.inf, math.nan])
+def test_garbage_at_masked_tokens_changes_nothing(kernel_backend, mask_mode, garbage):
+    r, v, mask, dones, boot = inputs(4, 60, seed=11)
+    clean = fastrlhf.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=0.9, lam=0.9, mask_mode=mask_mode)
+    dirty_r, dirty_v = r.masked_fill(~mask, garbage), v.masked_fill(~mask, garbage)
+    dirty = fastrlhf.gae(dirty_r, dirty_v, mask, dones=dones, bootstrap_value=boot, gamma=0.9, lam=0.9,
+                         mask_mode=mask_mode)
+    torch.testing.assert_close(dirty[0][mask], clean[0][mask], rtol=0, atol=0)
+    torch.testing.assert_close(dirty[1][mask], clean[1][mask], rtol=0, atol=0)
+    assert dirty[0].isfinite().all(), "advantages at masked tokens carry finite values"
+
+
+def test_zero_mode_is_openrlhf(kernel_backend):
+    """OpenRLHF multiplies rewards and values by the action mask, then runs the plain loop."""
+    r, v, mask, _, _ = inputs(3, 30, seed=5)
+    m = mask.to(F64)
+    got = fastrlhf.gae(r, v, mask, gamma=0.99, lam=0.95, mask_mode="zero")
+    want = reference.gae(r * m, v * m, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(got, want)
+
+
+def test_skip_mode_is_verl(kernel_backend):
+    """verl's loop: masked steps update neither carry; returns = advantages + values everywhere."""
+    r, v, mask, _, _ = inputs(3, 30, seed=6)
+    m = mask.to(F64)
+    next_value, last, out = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64), []
+    for t in reversed(range(30)):
+        delta = r[:, t] + 0.99 * next_value - v[:, t]
+        gae = delta + 0.99 * 0.95 * last
+        next_value = v[:, t] * m[:, t] + (1 - m[:, t]) * next_value
+        last = gae * m[:, t] + (1 - m[:, t]) * last
+        out.append(last)
+    want = torch.stack(out[::-1], dim=1)
+    adv, ret = fastrlhf.gae(r, v, mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv, want)
+    torch.testing.assert_close(ret, want + v)
+
+
+def test_dones_split_rows_into_independent_episodes(kernel_backend):
+    r, v, _, _, _ = inputs(1, 40, seed=8)
+    dones = torch.zeros(1, 40, dtype=torch.bool)
+    dones[0, 14] = True
+    whole = fastrlhf.gae(r, v, dones=dones, gamma=0.9, lam=0.8)
+    first = fastrlhf.gae(r[:, :15], v[:, :15], gamma=0.9, lam=0.8)
+    second = fastrlhf.gae(r[:, 15:], v[:, 15:], gamma=0.9, lam=0.8)
+    for k in range(2):
+        torch.testing.assert_close(whole[k], torch.cat([first[k], second[k]], dim=1))
+
+
+def test_packed_equals_padded(kernel_backend):
+    lengths = [5, 0, 31, 1, 17]
+    g = torch.Generator().manual_seed(9)
+    r, v = torch.randn(5, 31, generator=g, dtype=F64), torch.randn(5, 31, generator=g, dtype=F64)
+    mask = torch.arange(31)[None] < torch.tensor(lengths)[:, None]
+    holes = torch.rand(5, 31, generator=g) > 0.2
+    gamma = torch.rand(5, generator=g, dtype=F64)
+    boot = torch.randn(5, generator=g, dtype=F64)
+    padded = fastrlhf.gae(r, v, mask & holes, gamma=gamma, lam=0.9, bootstrap_value=boot)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = fastrlhf.gae(r[mask], v[mask], holes[mask], cu_seqlens=cu, gamma=gamma, lam=0.9, bootstrap_value=boot)
+    for k in range(2):
+        torch.testing.assert_close(packed[k], padded[k][mask])
+
+
+def test_padding_invariance(kernel_backend):
+    """Extra right padding changes nothing at the real tokens."""
+    r, v, mask, _, _ = inputs(3, 20, seed=10)
+    pad = torch.randn(3, 13, dtype=F64)
+    longer = fastrlhf.gae(torch.cat([r, pad], 1), torch.cat([v, pad], 1),
+                          torch.cat([mask, torch.zeros(3, 13, dtype=torch.bool)], 1), gamma=0.9, lam=0.9)
+    short = fastrlhf.gae(r, v, mask, gamma=0.9, lam=0.9)
+    for k in range(2):
+        torch.testing.assert_close(longer[k][:, :20][mask], short[k][mask])
+
+
+def test_float_mask_equals_bool_mask(kernel_backend):
+    r, v, mask, _, _ = inputs(2, 25, seed=12)
+    torch.testing.assert_close(fastrlhf.gae(r, v, mask.float()), fastrlhf.gae(r, v, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_against_float32_reference(dtype):
+    """fp32 arithmetic inside, one rounding to the input dtype at the end."""
+    r, v, mask, dones, boot = inputs(8, 300, dtype=dtype, seed=13)
+    with backend.use_backend("cpp"):
+        got = fastrlhf.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=0.99, lam=0.95)
+    want = reference.gae(r.float(), v.float(), mask, dones=dones, bootstrap_value=boot.float(), gamma=0.99,
+                         lam=0.95)
+    for x, y in zip(got, want):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, y.to(dtype))
+
+
+def test_fp16_on_triton():
+    r, v, mask, _, _ = inputs(4, 70, dtype=torch.float16, seed=14)
+    with backend.use_backend("triton"):
+        got = fastrlhf.gae(r, v, mask, gamma=0.99, lam=0.95)
+    want = reference.gae(r.float(), v.float(), mask, gamma=0.99, lam=0.95)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y.to(torch.float16))
+
+
+def test_nan_stays_in_its_sequence(kernel_backend):
+    r, v, mask, _, _ = inputs(3, 40, seed=15)
+    mask[1, 20] = True
+    r[1, 20] = math.nan
+    adv, ret = fastrlhf.gae(r, v, mask)
+    clean = fastrlhf.gae(r.nan_to_num(0.0), v, mask)
+    assert adv[1, :21][mask[1, :21]].isnan().all()
+    for row in (0, 2):
+        torch.testing.assert_close(adv[row], clean[0][row])
+        torch.testing.assert_close(ret[row], clean[1][row])
+
+
+@pytest.mark.parametrize("mask_mode", ["skip", "zero"])
+def test_gradcheck(kernel_backend, mask_mode):
+    r, v, mask, dones, boot = inputs(3, 9, seed=16, done_rate=0.2)
+    gamma = torch.tensor([0.9, 1.0, 0.5], dtype=F64)
+    args = tuple(x.requires_grad_() for x in (r, v, boot))
+
+    def fn(r, v, boot):
+        return fastrlhf.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=gamma, lam=0.8, returns_lam=0.6,
+                            mask_mode=mask_mode)
+
+    assert torch.autograd.gradcheck(fn, args)
+    # Second order is the forward op again; projections keep the interpreter's share of it short.
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=kernel_backend == "triton")
+
+
+def test_gradcheck_packed(kernel_backend):
+    g = torch.Generator().manual_seed(17)
+    r, v = (torch.randn(12, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
+    mask, dones = torch.rand(12, generator=g) > 0.3, torch.rand(12, generator=g) < 0.2
+    cu = torch.tensor([0, 4, 4, 12])
+    assert torch.autograd.gradcheck(
+        lambda r, v: fastrlhf.gae(r, v, mask, dones=dones, cu_seqlens=cu, gamma=0.9, lam=0.9), (r, v))
+
+
+def test_gradients_match_reference_multi_tile(kernel_backend):
+    r, v, mask, dones, boot = inputs(2, 1100, seed=18, done_rate=0.01)
+    grads = []
+    for run in (fastrlhf.gae, reference.gae):
+        leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+        adv, ret = run(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=0.99, lam=0.95)
+        weights = torch.randn(2, 2, 1100, generator=torch.Generator().manual_seed(1), dtype=F64)
+        grads.append(torch.autograd.grad((adv * weights[0] + ret * weights[1]).sum(), leaves))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y)
+
+
+def test_opcheck(kernel_backend):
+    r, v, mask, dones, boot = inputs(3, 11, seed=19)
+    args = fastrlhf.ops.gae._canonical(r.requires_grad_(), v.requires_grad_(), mask, 0.9, 0.8, dones, boot, None,
+                                       "skip", 0.5)
+    torch.library.opcheck(torch.ops.fastrlhf.gae_forward, args)
+    grads = (torch.randn(33, dtype=F64), torch.randn(33, dtype=F64))
+    torch.library.opcheck(torch.ops.fastrlhf.gae_backward, (*grads, *args[2:4], *args[5:]))
+
+
+def test_torch_compile_fullgraph():
+    r, v, mask, _, _ = inputs(4, 16, dtype=torch.float32, seed=20)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def advantages(r, v, mask):
+        adv, ret = fastrlhf.gae(r, v, mask, gamma=0.99, lam=0.95)
+        return fastrlhf.masked_whiten(adv, mask), ret
+
+    got = advantages(r, v, mask)
+    want = reference.gae(r, v, mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(got[0], reference.masked_whiten(want[0], mask))
+    torch.testing.assert_close(got[1], want[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 6), T=st.integers(1, 80), holes=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       mode=st.sampled_from(["skip", "zero"]))
+def test_property_random_shapes_and_masks(B, T, holes, seed, mode):
+    r, v, mask, dones, boot = inputs(B, T, seed=seed, holes=holes)
+    with backend.use_backend("cpp"), backend.poison_outputs():
+        assert_matches_reference(r, v, mask, dones=dones, bootstrap_value=boot, gamma=0.95, lam=0.9, mask_mode=mode)
+
+
+BAD = [
+    ("rewards", lambda r, v, m: fastrlhf.gae(r.long(), v), TypeError),
+    ("values", lambda r, v, m: fastrlhf.gae(r, v.float()), TypeError),
+    ("values", lambda r, v, m: fastrlhf.gae(r, v[:, :-1]), ValueError),
+    ("rewards", lambda r, v, m: fastrlhf.gae(r[0], v[0]), ValueError),
+    ("mask", lambda r, v, m: fastrlhf.gae(r, v, m[:, :-1]), ValueError),
+    ("dones", lambda r, v, m: fastrlhf.gae(r, v, dones=m.T), ValueError),
+    ("gamma", lambda r, v, m: fastrlhf.gae(r, v, gamma=1.5), ValueError),
+    ("lam", lambda r, v, m: fastrlhf.gae(r, v, lam=-0.1), ValueError),
+    ("lam", lambda r, v, m: fastrlhf.gae(r, v, lam=torch.tensor([0.5, 2.0, 0.5])), ValueError),
+    ("gamma", lambda r, v, m: fastrlhf.gae(r, v, gamma=torch.ones(2)), ValueError),
+    ("returns_lam", lambda r, v, m: fastrlhf.gae(r, v, returns_lam=3.0), ValueError),
+    ("bootstrap_value", lambda r, v, m: fastrlhf.gae(r, v, bootstrap_value=torch.zeros(4)), ValueError),
+    ("mask_mode", lambda r, v, m: fastrlhf.gae(r, v, m, mask_mode="mul"), ValueError),
+    ("cu_seqlens", lambda r, v, m: fastrlhf.gae(r.view(-1), v.view(-1), cu_seqlens=torch.tensor([0, 5, 3, 12])), ValueError),
+    ("cu_seqlens", lambda r, v, m: fastrlhf.gae(r.view(-1), v.view(-1), cu_seqlens=torch.tensor([0, 5, 11])), ValueError),
+    ("cu_seqlens", lambda r, v, m: fastrlhf.gae(r.view(-1), v.view(-1), cu_seqlens=torch.tensor([0., 12.])), TypeError),
+    ("rewards (packed", lambda r, v, m: fastrlhf.gae(r, v, cu_seqlens=torch.tensor([0, 12])), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,call,error", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(name, call, error):
+    r, v, mask, _, _ = inputs(3, 4, seed=23)
+    with pytest.raises(error, match=name.replace("(", r"\(")):
+        call(r, v, mask)
+
+
+def test_missing_extension_says_how_to_build(monkeypatch):
+    real = backend.importlib.import_module
+
+    def no_extension(name, *a):
+        if name == "fastrlhf._C":
+            raise ImportError("not built")
+        return real(name, *a)
+
+    monkeypatch.setattr(backend.importlib, "import_module", no_extension)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        backend.cpp_ops()
