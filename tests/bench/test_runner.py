@@ -1,0 +1,42 @@
+"""``fastrlhf bench`` on a small case: the row it measures, the table, the JSON and the plot."""
+
+import json
+
+import pytest
+import torch
+
+from fastrlhf import cli
+from fastrlhf.bench import runner
+from fastrlhf.bench.case import Case
+
+
+def small_case(same=None):
+    return Case("double", "n=1M", lambda: (torch.randn(2**20),), lambda x: x * 2,
+                {"slow": lambda x: x.clone().mul_(2)}, bytes_moved=8 * 2**20, same=same, x=2**20)
+
+
+def test_measure_reports_time_speedup_memory_and_floor():
+    row = runner.measure(small_case())
+    assert row["fused_s"] > 0 and row["floor_s"] > 0
+    assert 3.5 < row["fused_peak_bytes"] / 2**20 < 5.5  # the 4 MiB output
+    ref = row["references"]["slow"]
+    assert ref["speedup"] == pytest.approx(ref["seconds"] / row["fused_s"])
+
+
+def test_measure_refuses_a_wrong_fused_result():
+    def same(got, want):
+        torch.testing.assert_close(got, want)
+
+    bad = small_case(same)
+    bad.fused = lambda x: x * 3
+    with pytest.raises(AssertionError):
+        runner.measure(bad)
+
+
+def test_table_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "run", lambda quick, ops, console: [runner.measure(small_case())])
+    out = tmp_path / "sub" / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["op"] == "double" and "achieved_bytes_per_s" in rows[0]
+    assert out.with_suffix(".png").stat().st_size > 1000
