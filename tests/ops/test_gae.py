@@ -241,18 +241,22 @@ def test_opcheck(kernel_backend):
     torch.library.opcheck(torch.ops.fastrlhf.gae_backward, (*grads, *args[2:4], *args[5:]))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
     r, v, mask, _, _ = inputs(4, 16, dtype=torch.float32, seed=20)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compiler)
     def advantages(r, v, mask):
         adv, ret = fastrlhf.gae(r, v, mask, gamma=0.99, lam=0.95)
         return fastrlhf.masked_whiten(adv, mask), ret
 
-    got = advantages(r, v, mask)
+    leaves = [x.clone().requires_grad_() for x in (r, v)]
+    got = advantages(*leaves, mask)
     want = reference.gae(r, v, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(got[0], reference.masked_whiten(want[0], mask))
     torch.testing.assert_close(got[1], want[1])
+    grads = torch.autograd.grad(got[1].sum(), leaves)
+    torch.testing.assert_close(grads, torch.autograd.grad(fastrlhf.gae(*leaves, mask, gamma=0.99, lam=0.95)[1].sum(), leaves))
 
 
 @settings(max_examples=40, deadline=None)
