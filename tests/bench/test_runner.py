@@ -16,7 +16,7 @@ def small_case(same=None):
 
 
 def test_measure_reports_time_speedup_memory_and_floor():
-    row = runner.measure(small_case())
+    row = runner.measure(small_case(), 1e10)
     assert row["fused_s"] > 0 and row["floor_s"] > 0
     assert 3.5 < row["fused_peak_bytes"] / 2**20 < 5.5  # the 4 MiB output
     ref = row["references"]["slow"]
@@ -30,11 +30,11 @@ def test_measure_refuses_a_wrong_fused_result():
     bad = small_case(same)
     bad.fused = lambda x: x * 3
     with pytest.raises(AssertionError):
-        runner.measure(bad)
+        runner.measure(bad, 1e10)
 
 
 def test_table_json_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run", lambda quick, ops, console: [runner.measure(small_case())])
+    monkeypatch.setattr(runner, "run", lambda quick, ops, console: [runner.measure(small_case(), 1e10)])
     out = tmp_path / "sub" / "bench.json"
     assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
