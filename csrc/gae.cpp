@@ -1,21 +1,24 @@
 // GAE on CPU: the reverse recurrence of fastrlhf.gae (see fastrlhf/ops/gae.py for the semantics) and
 // its transpose, a forward recurrence, for the backward.
 //
-// Sequences are flat [N] tensors cut by offsets [S + 1]. A single sequence is a chain of dependent
-// multiply-adds, bound by their latency, so each thread advances LANES sequences in lockstep: their
-// chains are independent and the CPU overlaps them. Threads split the sequences (at::parallel_for).
+// Sequences are flat [N] tensors cut by offsets [S + 1]. Each thread advances LANES sequences in
+// lockstep, so that their independent chains of multiply-adds overlap in the CPU. Measured at B=256,
+// T=2048 fp32 on 2 cores: 4 lanes beat 1, 2 and 8 (8 lanes mean 40 strided streams and cost more in
+// memory traffic than they gain), and hoisting each lane's bounds out of the loop halved the time.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "checks.h"
 
 namespace fastrlhf {
 namespace {
 
-constexpr int LANES = 8;
+constexpr int LANES = 4;
 
 template <typename acc_t>
 struct Coefficients {
@@ -63,29 +66,45 @@ Coefficients<acc_t> coefficients(const c10::optional<at::Tensor>& mask, const c1
 }
 
 // Calls step(lane, t) for every position of sequences [first, last), LANES sequences at a time, each
-// lane walking its own sequence from position `from_end ? end - 1 : start` inwards.
+// lane walking its own sequence from its end (from_end) or its start. Lanes run in lockstep over the
+// length they share, then each finishes its own tail.
 template <bool from_end, typename Init, typename Step, typename Finish>
 inline void for_lanes(const int64_t* offsets, int64_t first, int64_t last, Init init, Step step, Finish finish) {
   for (int64_t group = first; group < last; group += LANES) {
     const int lanes = static_cast<int>(std::min<int64_t>(LANES, last - group));
-    int64_t longest = 0;
+    int64_t origin[LANES], length[LANES], shared = INT64_MAX;
     for (int k = 0; k < lanes; ++k) {
       init(k, group + k);
-      longest = std::max(longest, offsets[group + k + 1] - offsets[group + k]);
+      length[k] = offsets[group + k + 1] - offsets[group + k];
+      origin[k] = from_end ? offsets[group + k + 1] - 1 : offsets[group + k];
+      shared = std::min(shared, length[k]);
     }
-    for (int64_t i = 0; i < longest; ++i) {
-      for (int k = 0; k < lanes; ++k) {
-        const int64_t start = offsets[group + k], end = offsets[group + k + 1];
-        if (i < end - start) step(k, from_end ? end - 1 - i : start + i);
+    auto at = [&](int k, int64_t i) { return from_end ? origin[k] - i : origin[k] + i; };
+    if (lanes == LANES) {
+      for (int64_t i = 0; i < shared; ++i) {
+        for (int k = 0; k < LANES; ++k) step(k, at(k, i));
       }
+    } else {
+      shared = 0;
     }
-    for (int k = 0; k < lanes; ++k) finish(k, group + k);
+    for (int k = 0; k < lanes; ++k) {
+      for (int64_t i = shared; i < length[k]; ++i) step(k, at(k, i));
+      finish(k, group + k);
+    }
   }
 }
 
 int64_t grain(int64_t n, int64_t rows) {
   // About 64k positions per task: enough to amortise a task, small enough to balance two cores.
   return std::max<int64_t>(LANES, rows * 65536 / std::max<int64_t>(n, 1));
+}
+
+// Calls body(HAS_MASK, HAS_DONES, ZERO_MASKED) with each flag as a compile-time constant, so the
+// per-position loops carry no tests for absent tensors or for the mask mode.
+template <typename Body>
+void with_flags(bool has_mask, bool has_dones, bool zero_masked, Body body) {
+  auto branch = [](bool flag, auto next) { flag ? next(std::true_type{}) : next(std::false_type{}); };
+  branch(has_mask, [&](auto m) { branch(has_dones, [&](auto d) { branch(zero_masked, [&](auto z) { body(m, d, z); }); }); });
 }
 
 template <typename scalar_t>
@@ -97,33 +116,40 @@ void forward_impl(const at::Tensor& rewards, const at::Tensor& values, const c10
   const scalar_t* boot = bootstrap ? bootstrap->data_ptr<scalar_t>() : nullptr;
   scalar_t* adv_out = advantages.data_ptr<scalar_t>();
   scalar_t* ret_out = returns.data_ptr<scalar_t>();
-  at::parallel_for(0, c.rows, grain(rewards.numel(), c.rows), [&](int64_t first, int64_t last) {
-    acc_t next_value[LANES], adv[LANES], adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
-    for_lanes<true>(
-        c.offsets, first, last,
-        [&](int k, int64_t s) {
-          next_value[k] = boot ? static_cast<acc_t>(boot[s]) : acc_t(0);
-          adv[k] = adv_r[k] = 0;
-          gamma[k] = c.gamma[s];
-          gl[k] = c.gamma[s] * c.lam[s];
-          gl_r[k] = c.gamma[s] * c.returns_lam[s];
-        },
-        [&](int k, int64_t t) {
-          if (c.dones && c.dones[t]) next_value[k] = adv[k] = adv_r[k] = 0;
-          const bool keep = !c.mask || c.mask[t];
-          // Zero mode reads 0 for a masked reward and value and still takes the step; skip mode
-          // passes the carry through. Selects, not multiplies, so NaN at a masked token stays out.
-          const bool step = keep || c.zero_masked;
-          const acc_t value = (keep || !c.zero_masked) ? static_cast<acc_t>(v[t]) : acc_t(0);
-          const acc_t reward = keep ? static_cast<acc_t>(r[t]) : acc_t(0);
-          const acc_t delta = reward + gamma[k] * next_value[k] - value;
-          adv[k] = step ? delta + gl[k] * adv[k] : adv[k];
-          adv_r[k] = step ? delta + gl_r[k] * adv_r[k] : adv_r[k];
-          next_value[k] = step ? value : next_value[k];
-          adv_out[t] = static_cast<scalar_t>(adv[k]);
-          ret_out[t] = static_cast<scalar_t>(adv_r[k] + value);
-        },
-        [](int, int64_t) {});
+  const bool* mask = c.mask;
+  const bool* dones = c.dones;
+  with_flags(mask, dones, c.zero_masked, [&](auto has_mask, auto has_dones, auto zero_masked) {
+    at::parallel_for(0, c.rows, grain(rewards.numel(), c.rows), [&](int64_t first, int64_t last) {
+      acc_t next_value[LANES], adv[LANES], adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
+      for_lanes<true>(
+          c.offsets, first, last,
+          [&](int k, int64_t s) {
+            next_value[k] = boot ? static_cast<acc_t>(boot[s]) : acc_t(0);
+            adv[k] = adv_r[k] = 0;
+            gamma[k] = c.gamma[s];
+            gl[k] = c.gamma[s] * c.lam[s];
+            gl_r[k] = c.gamma[s] * c.returns_lam[s];
+          },
+          [&](int k, int64_t t) {
+            if (has_dones && dones[t]) next_value[k] = adv[k] = adv_r[k] = 0;
+            const bool keep = !has_mask || mask[t];
+            // Zero mode reads 0 for a masked reward and value and still takes the step; skip mode
+            // passes the carry through. Selects, not multiplies, so NaN at a masked token stays out.
+            const bool step = zero_masked || keep;
+            // Unconditional loads, then selects: a load under a condition compiles to a branch,
+            // which a random mask mispredicts.
+            const acc_t raw_value = static_cast<acc_t>(v[t]), raw_reward = static_cast<acc_t>(r[t]);
+            const acc_t value = (keep || !zero_masked) ? raw_value : acc_t(0);
+            const acc_t reward = keep ? raw_reward : acc_t(0);
+            const acc_t delta = reward + gamma[k] * next_value[k] - value;
+            adv[k] = step ? delta + gl[k] * adv[k] : adv[k];
+            adv_r[k] = step ? delta + gl_r[k] * adv_r[k] : adv_r[k];
+            next_value[k] = step ? value : next_value[k];
+            adv_out[t] = static_cast<scalar_t>(adv[k]);
+            ret_out[t] = static_cast<scalar_t>(adv_r[k] + value);
+          },
+          [](int, int64_t) {});
+    });
   });
 }
 
@@ -138,32 +164,36 @@ void backward_impl(const at::Tensor& grad_adv, const at::Tensor& grad_ret,
   scalar_t* grad_r = grad_rewards.data_ptr<scalar_t>();
   scalar_t* grad_v = grad_values.data_ptr<scalar_t>();
   scalar_t* grad_b = grad_bootstrap.data_ptr<scalar_t>();
-  at::parallel_for(0, c.rows, grain(grad_adv.numel(), c.rows), [&](int64_t first, int64_t last) {
-    acc_t carry_value[LANES], carry_adv[LANES], carry_adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
-    for_lanes<false>(
-        c.offsets, first, last,
-        [&](int k, int64_t s) {
-          carry_value[k] = carry_adv[k] = carry_adv_r[k] = 0;
-          gamma[k] = c.gamma[s];
-          gl[k] = c.gamma[s] * c.lam[s];
-          gl_r[k] = c.gamma[s] * c.returns_lam[s];
-        },
-        [&](int k, int64_t t) {
-          const acc_t g_adv = static_cast<acc_t>(ga[t]) + carry_adv[k];
-          const acc_t g_ret = static_cast<acc_t>(gr[t]);
-          const acc_t g_adv_r = g_ret + carry_adv_r[k];
-          const bool keep = !c.mask || c.mask[t];
-          const bool step = keep || c.zero_masked;
-          const acc_t g_delta = g_adv + g_adv_r;
-          const acc_t g_value = step ? g_ret - g_delta + carry_value[k] : g_ret;
-          grad_r[t] = static_cast<scalar_t>(keep ? g_delta : acc_t(0));
-          grad_v[t] = static_cast<scalar_t>((keep || !c.zero_masked) ? g_value : acc_t(0));
-          const acc_t cut = (c.dones && c.dones[t]) ? acc_t(0) : acc_t(1);
-          carry_value[k] = cut * (step ? gamma[k] * g_delta : carry_value[k]);
-          carry_adv[k] = cut * (step ? gl[k] * g_adv : g_adv);
-          carry_adv_r[k] = cut * (step ? gl_r[k] * g_adv_r : g_adv_r);
-        },
-        [&](int k, int64_t s) { grad_b[s] = static_cast<scalar_t>(carry_value[k]); });
+  const bool* mask = c.mask;
+  const bool* dones = c.dones;
+  with_flags(mask, dones, c.zero_masked, [&](auto has_mask, auto has_dones, auto zero_masked) {
+    at::parallel_for(0, c.rows, grain(grad_adv.numel(), c.rows), [&](int64_t first, int64_t last) {
+      acc_t carry_value[LANES], carry_adv[LANES], carry_adv_r[LANES], gamma[LANES], gl[LANES], gl_r[LANES];
+      for_lanes<false>(
+          c.offsets, first, last,
+          [&](int k, int64_t s) {
+            carry_value[k] = carry_adv[k] = carry_adv_r[k] = 0;
+            gamma[k] = c.gamma[s];
+            gl[k] = c.gamma[s] * c.lam[s];
+            gl_r[k] = c.gamma[s] * c.returns_lam[s];
+          },
+          [&](int k, int64_t t) {
+            const acc_t g_adv = static_cast<acc_t>(ga[t]) + carry_adv[k];
+            const acc_t g_ret = static_cast<acc_t>(gr[t]);
+            const acc_t g_adv_r = g_ret + carry_adv_r[k];
+            const bool keep = !has_mask || mask[t];
+            const bool step = zero_masked || keep;
+            const acc_t g_delta = g_adv + g_adv_r;
+            const acc_t g_value = step ? g_ret - g_delta + carry_value[k] : g_ret;
+            grad_r[t] = static_cast<scalar_t>(keep ? g_delta : acc_t(0));
+            grad_v[t] = static_cast<scalar_t>((keep || !zero_masked) ? g_value : acc_t(0));
+            carry_value[k] = step ? gamma[k] * g_delta : carry_value[k];
+            carry_adv[k] = step ? gl[k] * g_adv : g_adv;
+            carry_adv_r[k] = step ? gl_r[k] * g_adv_r : g_adv_r;
+            if (has_dones && dones[t]) carry_value[k] = carry_adv[k] = carry_adv_r[k] = 0;
+          },
+          [&](int k, int64_t s) { grad_b[s] = static_cast<scalar_t>(carry_value[k]); });
+    });
   });
 }
 
