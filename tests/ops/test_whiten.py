@@ -14,11 +14,26 @@ def inputs(B, T, seed, dtype=torch.float32):
     return torch.randn(B, T, generator=g, dtype=dtype) * 3 + 1, torch.rand(B, T, generator=g) > 0.3
 
 
-def test_masked_whiten_matches_verl():
-    x, mask = inputs(8, 50, seed=21)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 50), (3, 70001)])
+def test_masked_whiten_matches_verl(dtype, shape):
+    x, mask = inputs(*shape, seed=21, dtype=dtype)
     for shift_mean in (True, False):
         torch.testing.assert_close(fastrlhf.masked_whiten(x, mask, shift_mean=shift_mean),
-                                   reference.masked_whiten(x, mask, shift_mean=shift_mean))
+                                   reference.masked_whiten(x.double(), mask, shift_mean=shift_mean).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_against_float64(dtype):
+    x, mask = inputs(16, 300, seed=24)
+    x = x.to(dtype)
+    exact = reference.masked_whiten(x.double(), mask)
+    same_precision = reference.masked_whiten(x, mask).double()
+    got = fastrlhf.masked_whiten(x, mask)
+    assert got.dtype == dtype
+    # at most twice PyTorch's own error in that precision (plus one ulp of the output's scale)
+    bound = 2 * (same_precision - exact).abs().max() + torch.finfo(dtype).eps * exact.abs().max()
+    assert (got.double() - exact).abs().max() <= bound
 
 
 def test_masked_whiten_ignores_garbage():
@@ -27,6 +42,23 @@ def test_masked_whiten_ignores_garbage():
     torch.testing.assert_close(fastrlhf.masked_whiten(dirty, mask)[mask], fastrlhf.masked_whiten(x, mask)[mask])
 
 
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_gradients(shift_mean):
+    x, mask = inputs(3, 7, seed=25, dtype=torch.float64)
+    x.requires_grad_()
+    torch.autograd.gradcheck(lambda x: fastrlhf.masked_whiten(x, mask, shift_mean=shift_mean), (x,))
+    upstream = torch.randn_like(x)
+    got = torch.autograd.grad((fastrlhf.masked_whiten(x, mask, shift_mean=shift_mean) * upstream).sum(), x)
+    want = torch.autograd.grad((reference.masked_whiten(x, mask, shift_mean=shift_mean) * upstream).sum(), x)
+    torch.testing.assert_close(got, want)
+
+
+def test_opcheck():
+    x, mask = inputs(5, 9, seed=26, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastrlhf.masked_whiten_forward, (x.requires_grad_(), mask, True, 1e-8))
+    out, stats = torch.ops.fastrlhf.masked_whiten_forward(x.detach(), mask, False, 1e-8)
+    torch.library.opcheck(torch.ops.fastrlhf.masked_whiten_backward, (torch.randn_like(out), x.detach(), mask, stats, False))
+
 
 def test_bad_input_names_the_argument():
     x, mask = inputs(3, 4, seed=23)
@@ -34,3 +66,5 @@ def test_bad_input_names_the_argument():
         fastrlhf.masked_whiten(mask, mask)
     with pytest.raises(ValueError, match="mask"):
         fastrlhf.masked_whiten(x, mask[:1])
+    with pytest.raises(ValueError, match="mask: expected at least 2"):
+        fastrlhf.masked_whiten(x, torch.zeros_like(mask))
