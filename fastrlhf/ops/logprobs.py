@@ -1,0 +1,199 @@
+"""``fastrlhf.logprobs``: log-probabilities of labels and entropies, one pass over the logits.
+
+Registered as ``fastrlhf::logprobs_forward`` / ``fastrlhf::logprobs_backward`` (and the in-place
+``fastrlhf::logprobs_backward_``) with fake implementations and autograd, so it runs under
+``torch.compile(fullgraph=True)``. CPU tensors run the C++ kernel, CUDA tensors the Triton kernel.
+The vocab-parallel form (``process_group=``) runs eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastrlhf import backend, checks, reference
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.0, ignore_index: int = -100,
+             return_entropy: bool = False, inplace_backward: bool = False, process_group=None,
+             vocab_start_index: Optional[int] = None):
+    """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the entropy.
+
+    Args:
+        logits: ``[..., V]`` fp32, bf16 or fp16, unit stride in the last dim (other strides are copied).
+        labels: ``[...]`` int64 or int32, the leading shape of ``logits``; each in ``[0, V)`` (the full
+            vocabulary when sharded) or ``ignore_index``.
+        temperature: a positive float, or a tensor broadcastable to ``[...]`` (per sequence or token).
+            Not differentiated.
+        ignore_index: rows with this label give log-prob 0, entropy 0 and zero gradient.
+        return_entropy: also return ``entropy = logsumexp(z) - sum softmax(z) * z``, ``z = logits / T``.
+        inplace_backward: the backward writes the logits' gradient into ``logits``' own storage (no
+            ``[..., V]`` allocation) and moves its version counter, so autograd raises if anything else
+            still needs those logits.
+        process_group: vocab-parallel: each rank holds ``logits[..., vocab_start_index:+V]`` of the full
+            vocabulary; ``vocab_start_index`` defaults to ``rank * V``. One all-gather of three ``[...]``
+            fp32 statistics combines the shards.
+
+    Returns:
+        ``logp`` (fp32, ``[...]``), or ``(logp, entropy)``. ``logp`` is ``-inf`` where the label's logit
+        is ``-inf``; ``-inf`` logits elsewhere are fine (zero probability). Accumulation is fp32 over
+        vocab tiles (online max and sum), so a row's result does not depend on the other rows.
+    """
+    if backend.forced_backend() == "reference":
+        if process_group is not None or inplace_backward:
+            raise ValueError("the reference backend supports neither process_group nor inplace_backward")
+        return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                  return_entropy=return_entropy)
+    flat_logits, flat_labels, inv_temp = _canonical(logits, labels, temperature)
+    if process_group is not None:
+        from fastrlhf.ops.logprobs_parallel import parallel_logprobs
+
+        logp, entropy = parallel_logprobs(flat_logits, flat_labels, inv_temp, ignore_index, process_group,
+                                          vocab_start_index, inplace_backward)
+    else:
+        vocab = flat_logits.shape[1]
+        _check_labels(flat_labels, ignore_index, vocab)
+        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, ignore_index,
+                                                                0, vocab, inplace_backward)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def _canonical(logits, labels, temperature):
+    """Checks the arguments; returns ``[N, V]`` logits, ``[N]`` int64 labels and ``[N]`` fp32 1/T."""
+    checks.dtype("logits", logits, LOGIT_DTYPES)
+    checks.dtype("labels", labels, checks.INTS)
+    checks.device("labels", labels, logits.device)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    checks.shape("labels", labels, logits.shape[:-1])
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    if isinstance(temperature, Tensor):
+        checks.device("temperature", temperature, logits.device)
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature: expected a floating tensor, got {temperature.dtype}")
+        try:
+            t = torch.broadcast_to(temperature.detach(), labels.shape)
+        except RuntimeError:
+            raise ValueError(f"temperature: expected a shape broadcastable to {tuple(labels.shape)}, "
+                             f"got {tuple(temperature.shape)}") from None
+        if not torch.compiler.is_compiling() and not bool((t > 0).all()):
+            raise ValueError(f"temperature: expected positive values, got min {t.min().item()}")
+        inv_temp = t.reshape(-1).to(torch.float32).reciprocal()
+    else:
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature: expected a positive value, got {temperature}")
+        # A tensor filled on device, never a Python float argument: it cannot become fp64 under
+        # Inductor, and a new value does not recompile.
+        inv_temp = torch.full((rows,), 1.0 / temperature, dtype=torch.float32, device=logits.device)
+    return flat, labels.reshape(-1).to(torch.int64), inv_temp.contiguous()
+
+
+def _check_labels(labels, ignore_index, vocab):
+    """Eager calls raise here with the offending value; compiled calls rely on the kernels' bounds."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}")
+
+
+def _kernels(logits):
+    if backend.backend_for(logits) == "cpp":
+        return backend.cpp_ops()
+    return backend.triton_kernels("logprobs", logits.device)
+
+
+def forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size):
+    """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``."""
+    like = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    logp, entropy, lse = backend.empty_outputs(like, 3)
+    _kernels(logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size,
+                                      logp, entropy, lse)
+    return logp, entropy, lse
+
+
+def backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                  vocab_start, vocab_size):
+    """Writes the logits' gradient into ``out`` (which may be ``logits`` itself)."""
+    _kernels(logits).logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+                                       ignore_index, vocab_start, vocab_size, out)
+
+
+@torch.library.custom_op("fastrlhf::logprobs_forward", mutates_args=())
+def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, ignore_index: int, vocab_start: int,
+                     vocab_size: int, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``[N]`` fp32 log-probs, entropies and logsumexps (the last saved for the backward)."""
+    return forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
+
+
+@logprobs_forward.register_fake
+def _(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace_backward):
+    like = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return like, torch.empty_like(like), torch.empty_like(like)
+
+
+@torch.library.custom_op("fastrlhf::logprobs_backward", mutates_args=())
+def logprobs_backward(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                      grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
+                      vocab_size: int) -> Tensor:
+    """The gradient of ``logits`` (same dtype), recomputed from the saved per-row logsumexp."""
+    out = backend.empty_outputs(torch.empty_like(logits, memory_format=torch.contiguous_format), 1)[0]
+    backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                  vocab_start, vocab_size)
+    return out
+
+
+@logprobs_backward.register_fake
+def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start, vocab_size):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastrlhf::logprobs_backward_", mutates_args=("logits",))
+def logprobs_backward_(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                       grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
+                       vocab_size: int) -> None:
+    """As ``logprobs_backward``, writing the gradient over ``logits``; declared as a mutation, so the
+    logits' version counter moves and any later use of them in autograd raises."""
+    backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                  vocab_start, vocab_size)
+
+
+def logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
+                vocab_size, inplace):
+    """The logits' gradient through the registered ops; ``grad_entropy=None`` skips the entropy term."""
+    if grad_entropy is None:
+        entropy = None
+    args = (labels, inv_temp, lse, entropy, grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, vocab_start, vocab_size)
+    if inplace:
+        torch.ops.fastrlhf.logprobs_backward_(logits, *args)
+        return logits
+    return torch.ops.fastrlhf.logprobs_backward(logits, *args)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, inv_temp, lse, entropy)
+    ctx.args = (ignore_index, vocab_start, vocab_size, inplace)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    ignore_index, vocab_start, vocab_size, inplace = ctx.args
+    grad = logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
+                       vocab_size, inplace)
+    return grad, None, None, None, None, None, None
+
+
+logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,56 @@
+"""Reference log-probs and entropy: what trainers write today, in plain torch.
+
+``logprobs`` is ``log_softmax`` + ``gather`` with verl's ``entropy_from_logits``
+(``logsumexp - sum(softmax * z)``) on ``z = logits / temperature``, upcast to fp32 (fp64 stays fp64);
+``selective_logprobs`` is the row-looping form of TRL's ``selective_log_softmax``, which keeps one row's
+``log_softmax`` alive at a time. Same signatures and semantics as ``fastrlhf.logprobs``, differentiable
+through torch autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _scaled(logits, temperature):
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(compute)
+    if isinstance(temperature, torch.Tensor):
+        return z / temperature.to(compute).expand(logits.shape[:-1])[..., None]
+    return z / temperature
+
+
+def _finish(logp, entropy, ignored, return_entropy):
+    logp = logp.masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logp
+    return logp, entropy.masked_fill(ignored, 0.0)
+
+
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    z = _scaled(logits, temperature)
+    ignored = labels == ignore_index
+    logp_all = z.log_softmax(-1)
+    logp = logp_all.gather(-1, labels.masked_fill(ignored, 0).long()[..., None])[..., 0]
+    # verl's entropy_from_logits; softmax * z is 0 * -inf = NaN at masked logits, so those are skipped.
+    p = z.softmax(-1)
+    entropy = torch.logsumexp(z, -1) - torch.where(p > 0, p * z, 0.0).sum(-1)
+    return _finish(logp, entropy, ignored, return_entropy)
+
+
+def selective_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    z = _scaled(logits.reshape(-1, logits.shape[-1]), temperature if not isinstance(temperature, torch.Tensor)
+                else temperature.expand(logits.shape[:-1]).reshape(-1))
+    flat = labels.reshape(-1)
+    ignored = flat == ignore_index
+    index = flat.masked_fill(ignored, 0).long()
+    logp, entropy = [], []
+    for row, label in zip(z, index):
+        row_logp = row.log_softmax(-1)
+        logp.append(row_logp[label])
+        if return_entropy:
+            entropy.append(-(torch.where(row_logp > -torch.inf, row_logp.exp() * row_logp, 0.0)).sum())
+    shape = labels.shape
+    logp = torch.stack(logp).reshape(shape) if logp else z.new_zeros(shape)
+    entropy = (torch.stack(entropy).reshape(shape) if entropy else z.new_zeros(shape)) if return_entropy else None
+    return _finish(logp, entropy, ignored.reshape(shape), return_entropy)
