@@ -10,15 +10,11 @@ import pytest
 from fastrlhf.bench import logprobs as cases
 
 QUICK = cases.cases(quick=True)
-CASES = QUICK + cases.cases(quick=False)
-IMPLS = ["fused", *cases.REFERENCES]
+RUNS = [(case, impl) for case in QUICK + cases.cases(quick=False) for impl in ("fused", *case.references)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.shape}" for c in CASES])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("case", "impl"), RUNS, ids=[f"{c.op}-{c.shape}-{impl}" for c, impl in RUNS])
 def test_logprobs(benchmark, case, impl):
-    if impl != "fused" and impl not in case.references:
-        pytest.skip(f"{case.op} is not timed against {impl}")
     if benchmark.disabled and case not in QUICK:
         pytest.skip("full shapes run only with --benchmark-enable")
     inputs = case.make_inputs()

@@ -11,6 +11,11 @@ def test_gae_passes_on_the_cpp_backend():
     assert ok and table.row_count >= 36
 
 
+def test_logprobs_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("logprobs",))
+    assert ok and table.row_count >= 4 * 3 * 3  # shapes x dtypes x (logp, entropy, gradient) per backend
+
+
 def test_error_beyond_twice_torch_error_fails():
     exact = torch.linspace(-3, 3, 100, dtype=torch.float64)
     torch_f32 = exact.float()
