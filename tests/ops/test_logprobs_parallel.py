@@ -1,14 +1,20 @@
 """Vocab-parallel ``fastrlhf.logprobs(process_group=...)``: two gloo processes on CPU, each holding a vocab
-shard, against the unsharded op and the float64 reference on the same full logits."""
+shard, against the unsharded op and the float64 reference on the same full logits.
+
+Each rank is this file run as a script (``python test_logprobs_parallel.py WORKER RANK INIT_METHOD``), so
+the ranks need not import the test module by name (pytest imports it under a name that a child process
+may resolve to another package).
+"""
 
 import os
+import subprocess
+import sys
 import tempfile
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastrlhf
 from fastrlhf import backend, reference
@@ -16,19 +22,33 @@ from fastrlhf import backend, reference
 WORLD = 2
 
 
-def _spawn(worker, *args):
-    """Runs ``worker(rank, *args)`` on 2 gloo ranks; a failure (or exception) in either fails the test."""
+def _spawn(worker: str):
+    """Runs ``worker(rank)`` on 2 gloo ranks; a failure in either (or a hang) fails the test with its output."""
+    root = os.path.dirname(os.path.dirname(fastrlhf.__file__))  # the ranks import this same fastrlhf
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_init_and_run, args=(f"file://{os.path.join(tmp, 'rendezvous')}", worker, args), nprocs=WORLD)
+        init_method = f"file://{os.path.join(tmp, 'rendezvous')}"
+        ranks = [subprocess.Popen([sys.executable, __file__, worker, str(rank), init_method], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(WORLD)]
+        try:
+            outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
+        finally:
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.kill()
+    failed = [f"rank {r} exited with {p.returncode}:\n{out}" for r, (p, out) in enumerate(zip(ranks, outputs))
+              if p.returncode != 0]
+    assert not failed, "\n".join(failed)
 
 
-def _init_and_run(rank, init_method, worker, args):
-    torch.set_num_threads(1)
+def _init_and_run(worker, rank, init_method):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
         with backend.poison_outputs():
-            worker(rank, *args)
+            worker(rank)
     finally:
         dist.destroy_process_group()
 
@@ -135,7 +155,7 @@ def _all_configs(rank):
 
 
 def test_two_ranks_match_unsharded_and_float64():
-    _spawn(_all_configs)
+    _spawn("_all_configs")
 
 
 def _bad_layouts(rank):
@@ -162,4 +182,8 @@ def _bad_layouts(rank):
 
 
 def test_bad_layouts_and_labels_raise_on_every_rank():
-    _spawn(_bad_layouts)
+    _spawn("_bad_layouts")
+
+
+if __name__ == "__main__":
+    _init_and_run(globals()[sys.argv[1]], int(sys.argv[2]), sys.argv[3])
