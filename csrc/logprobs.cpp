@@ -185,7 +185,9 @@ void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const 
         const RowStats st = row_stats(row, r.V, r.inv_t[i]);
         const int64_t local = label - r.vocab_start;
         const bool owned = local >= 0 && local < r.V;
-        lp[i] = owned ? static_cast<float>(row[local]) * r.inv_t[i] - st.lse : 0.f;
+        // A label logit of -inf has log-prob -inf, also when the whole row is -inf (not -inf - -inf).
+        const float z_label = owned ? static_cast<float>(row[local]) * r.inv_t[i] : 0.f;
+        lp[i] = !owned ? 0.f : z_label == NEG_INF ? NEG_INF : z_label - st.lse;
         ent[i] = st.entropy;
         ls[i] = st.lse;
       }
@@ -221,14 +223,15 @@ void backward_rows(const scalar_t* x, scalar_t* out, int64_t out_stride, const R
         const Vec da = finite(za * scale - shift), db = finite(zb * scale - shift);
         const Vec pa = da.exp_u20(), pb = db.exp_u20();
         if constexpr (HAS_ENTROPY) {
-          store_floats(grad + j, pa * at::vec::fmadd(vb, da, va), pb * at::vec::fmadd(vb, db, va));
+          // p (a + b d) would be 0 * inf at d = -FLT_MAX (a -inf logit); p d is 0 there.
+          store_floats(grad + j, at::vec::fmadd(vb, pa * da, pa * va), at::vec::fmadd(vb, pb * db, pb * va));
         } else {
           store_floats(grad + j, pa * va, pb * va);
         }
       }
       auto scalar = [&](float z) {
         const float d = finite(z - lse[i]), p = std::exp(d);
-        return p * (a + (HAS_ENTROPY ? b * d : 0.f));
+        return p * a + (HAS_ENTROPY ? b * (p * d) : 0.f);
       };
       for (int64_t j = body; j < r.V; ++j) grad[j] = static_cast<scalar_t>(scalar(static_cast<float>(row[j]) * inv_t));
       if (owned) grad[local] = static_cast<scalar_t>(scalar(z_label) + gl * inv_t);

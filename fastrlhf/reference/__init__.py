@@ -1,5 +1,6 @@
 """Plain-torch reference implementations, with the same signatures as the fused ops."""
 
 from fastrlhf.reference.gae import gae, masked_whiten
+from fastrlhf.reference.logprobs import logprobs, selective_logprobs
 
-__all__ = ["gae", "masked_whiten"]
+__all__ = ["gae", "logprobs", "masked_whiten", "selective_logprobs"]
