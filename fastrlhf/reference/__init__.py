@@ -1,5 +1,6 @@
 """Plain-torch reference implementations, with the same signatures as the fused ops."""
 
 from fastrlhf.reference.gae import gae, masked_whiten
+from fastrlhf.reference.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 
-__all__ = ["gae", "masked_whiten"]
+__all__ = ["dpo_loss", "gae", "masked_whiten", "pairwise_sigmoid_loss", "reward_model_loss"]
