@@ -221,8 +221,16 @@ def _setup_pairwise(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-@torch.autograd.function.once_differentiable
+def _first_order_only():
+    # The saved factors carry no graph: a second derivative would silently miss their dependence on the
+    # inputs, so create_graph=True is refused rather than answered wrongly.
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("fastrlhf's pairwise losses have no double backward: call backward without "
+                           "create_graph=True")
+
+
 def _pairwise_backward(ctx, grad_loss, _grad_stats, _grad_factors):
+    _first_order_only()
     (factors,) = ctx.saved_tensors
     grad_u, grad_v = factors * grad_loss
     # h = (chosen - ref_chosen) - (rejected - ref_rejected) - margin
@@ -340,8 +348,8 @@ def _setup_reward_model(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, factors, index)
 
 
-@torch.autograd.function.once_differentiable
 def _reward_model_backward(ctx, grad_loss, _grad_stats, _grad_factors, _grad_index):
+    _first_order_only()
     factors, index, stats, chosen_mask, rejected_mask = ctx.saved_tensors
     grad_chosen, grad_rejected, grad_logprobs = torch.ops.fastrlhf.reward_model_backward(
         grad_loss.to(factors.dtype).contiguous(), factors, index, stats, chosen_mask, rejected_mask, ctx.lm_coef,

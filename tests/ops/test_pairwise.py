@@ -256,9 +256,8 @@ def test_gradcheck_reward_model(kernel_backend):
 def test_double_backward_raises():
     chosen = randn(4, seed=1).requires_grad_()
     loss = fastrlhf.pairwise_sigmoid_loss(chosen, randn(4, seed=2))
-    (grad,) = torch.autograd.grad(loss, chosen, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
-        torch.autograd.grad(grad.sum(), chosen)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, chosen, create_graph=True)
 
 
 def test_no_grad_fast_path_equals_the_registered_op(kernel_backend):
