@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Codes shared with fastrlhf/ops/pairwise.py (LOSS_TYPES, REDUCTIONS, STATS).
-SIGMOID, IPO, HINGE, ROBUST = 0, 1, 2, 3
-NONE, MEAN = 0, 1
-LM_TOKENS = 5
+# Codes shared with fastrlhf/ops/pairwise.py (LOSS_TYPES, REDUCTIONS, STATS); constexpr, so kernels can read them.
+SIGMOID, IPO, HINGE, ROBUST = (tl.constexpr(code) for code in range(4))
+NONE, MEAN = tl.constexpr(0), tl.constexpr(1)
+LM_TOKENS = tl.constexpr(5)
 PAIR_BLOCK = 1024
 TILE_ELEMENTS = 2048
 
@@ -226,7 +226,7 @@ def reward_model_forward(chosen_values, rejected_values, chosen_mask, rejected_m
         rows, chosen_values.shape[1], rejected_values.shape[1], HAS_LM=lm is not None, BLOCK_B=block_b,
         BLOCK_T=block_t)
     _pairs(pooled[0], pooled[1], None, None, margin, lm, loss, stats, factors, 1.0, 0.0, rank_coef, center_coef, 1.0,
-           lm_coef, SIGMOID, MEAN)
+           lm_coef, SIGMOID.value, MEAN.value)
 
 
 def reward_model_backward(grad_loss, factors, index, stats, chosen_mask, lm_coef, has_lm, grad_chosen,
@@ -249,9 +249,9 @@ def aot_cases():
                  "factors_ptr": "*fp32", "n": "i32", "beta": "fp32", "eps": "fp32", "rank": "fp32",
                  "center": "fp32", "scale": "fp32", "lm_coef": "fp32"}
         for loss_type in (SIGMOID, IPO, HINGE, ROBUST):
-            flags = {"LOSS_TYPE": loss_type, "REDUCTION": MEAN, "HAS_REF": True, "HAS_MARGIN": True,
+            flags = {"LOSS_TYPE": loss_type.value, "REDUCTION": MEAN.value, "HAS_REF": True, "HAS_MARGIN": True,
                      "HAS_CENTER": True, "HAS_LM": True, "BLOCK": PAIR_BLOCK}
-            cases.append((f"pairwise pairs_kernel {dtype} loss_type={loss_type}", pairs_kernel, pairs, flags))
+            cases.append((f"pairwise pairs_kernel {dtype} loss_type={loss_type.value}", pairs_kernel, pairs, flags))
         block_b, block_t = _blocks(1024, 2048)
         tiles = {"HAS_LM": True, "BLOCK_B": block_b, "BLOCK_T": block_t}
         pool = {"chosen_ptr": f"*{dtype}", "rejected_ptr": f"*{dtype}", "chosen_mask_ptr": "*i1",

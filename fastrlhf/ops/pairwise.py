@@ -188,7 +188,8 @@ def _pairwise_outputs(chosen, reduction):
     n = chosen.numel()
     acc = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     like = chosen.new_empty((), dtype=acc)
-    return (like.new_empty(n if reduction == 0 else ()), like.new_empty(NUM_STATS), like.new_empty(2, n))
+    per_pair = reduction == REDUCTIONS.index("none")
+    return like.new_empty(n if per_pair else ()), like.new_empty(NUM_STATS), like.new_empty(2, n)
 
 
 def _pairwise_forward(chosen, rejected, ref_chosen, ref_rejected, margin, beta, label_smoothing, loss_type,
@@ -262,7 +263,7 @@ def _canonical_reward_model(chosen_values, rejected_values, chosen_mask, rejecte
         chosen_logprobs = chosen_logprobs.contiguous()
     elif lm_coef != 0:
         raise ValueError(f"chosen_logprobs: expected a [B, T] tensor when lm_coef is not 0, got None (lm_coef={lm_coef})")
-    margin = _margin(margin, chosen_values[:, 0])
+    margin = _margin(margin, chosen_values.new_empty(rows))
     return (chosen_values.contiguous(), rejected_values.contiguous(), *masks,
             None if margin is None else margin.detach().contiguous(), chosen_logprobs, float(rank_coef),
             float(center_coef), float(lm_coef))
@@ -278,6 +279,8 @@ def _bool_mask(name, mask, values):
 
 
 def _check_every_row_pooled(index):
+    if not bool((index < 0).any()):  # one device sync in the common case
+        return
     for side, name in enumerate(("chosen_mask", "rejected_mask")):
         empty = (index[side] < 0).nonzero()
         if empty.numel():
@@ -287,17 +290,18 @@ def _check_every_row_pooled(index):
 
 def _reward_model_outputs(chosen_values):
     rows = chosen_values.shape[0]
-    loss, stats, factors = _pairwise_outputs(chosen_values[:, 0], REDUCTIONS.index("mean"))
+    loss, stats, factors = _pairwise_outputs(chosen_values.new_empty(rows), REDUCTIONS.index("mean"))
     return loss, stats, factors, chosen_values.new_empty(2, rows, dtype=torch.int64)
 
 
 def _reward_model_forward(chosen_values, rejected_values, chosen_mask, rejected_mask, margin, chosen_logprobs,
                           rank_coef, center_coef, lm_coef):
-    outputs = [backend.empty_outputs(t, 1)[0] for t in _reward_model_outputs(chosen_values)[:3]]
-    index = chosen_values.new_empty(2, chosen_values.shape[0], dtype=torch.int64)
+    *floats, index = _reward_model_outputs(chosen_values)
+    loss, stats, factors = (backend.empty_outputs(t, 1)[0] for t in floats)
     _kernels(chosen_values).reward_model_forward(chosen_values, rejected_values, chosen_mask, rejected_mask, margin,
-                                                 chosen_logprobs, rank_coef, center_coef, lm_coef, *outputs, index)
-    return (*outputs, index)
+                                                 chosen_logprobs, rank_coef, center_coef, lm_coef, loss, stats,
+                                                 factors, index)
+    return loss, stats, factors, index
 
 
 @torch.library.custom_op("fastrlhf::reward_model_forward", mutates_args=())

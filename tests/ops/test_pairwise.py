@@ -370,6 +370,8 @@ BAD = [
     ("chosen_logprobs: expected a", _rm(lm_coef=0.1), ValueError),
     ("chosen_logprobs", _rm(chosen_logprobs=torch.ones(3, 5)), ValueError),
     ("margin", _rm(margin=torch.ones(4, dtype=F64)), ValueError),
+    ("chosen_mask: expected at least one unmasked token in every row, row 0",
+     _rm(chosen_values=torch.ones(3, 0, dtype=F64), chosen_mask=torch.ones(3, 0)), ValueError),
 ]
 
 
