@@ -3,8 +3,9 @@
 Rank ``r`` holds ``z[:, s_r : s_r + V_r]`` (``z = logits / T``) of a vocabulary of ``V = sum_r V_r``. It
 runs the local kernel on its shard, which gives per row the shard's logsumexp ``lse_r`` and the entropy
 ``H_r`` of the shard's own softmax, and reads the label's logit ``z_y`` if it owns the label. One
-all-gather of these three ``[N]`` fp32 statistics gives every rank all of them; each rank then combines
-them in float64, identically, with ``w_r = exp(lse_r - lse)`` the probability mass of shard ``r``:
+all-gather of these three ``[N]`` statistics (fp32; fp64 for fp64 logits) gives every rank all of them;
+each rank then combines them in float64, identically, with ``w_r = exp(lse_r - lse)`` the probability
+mass of shard ``r``:
 
     lse = logsumexp_r lse_r,      logp = z_y - lse,      H = sum_r w_r (H_r - log w_r).
 
@@ -31,7 +32,8 @@ from fastrlhf.ops.logprobs import _check_labels, forward_local, logits_grad
 
 def parallel_logprobs(flat_logits: Tensor, flat_labels: Tensor, inv_temp: Tensor, ignore_index: int, process_group,
                       vocab_start_index: Optional[int], inplace_backward: bool) -> tuple[Tensor, Tensor]:
-    """``[N]`` fp32 log-probs and entropies over the full vocabulary from this rank's ``[N, V_r]`` shard.
+    """``[N]`` log-probs and entropies (fp32; fp64 for fp64 logits) over the full vocabulary, from this
+    rank's ``[N, V_r]`` shard.
 
     ``vocab_start_index`` defaults to ``rank * V_r``. Raises ValueError (on every rank) unless the
     ranks' shards tile ``[0, V)`` exactly and hold the same number of rows, or if a label lies outside
@@ -73,7 +75,9 @@ def _all_gather_rows(stats: Tensor, group) -> Tensor:
 
 
 def _combine(lse_r: Tensor, entropy_r: Tensor, z_label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Global ``(logp, entropy, lse)`` ``[N]`` fp32 from ``[world, N]`` shard statistics (see the module doc)."""
+    """Global ``(logp, entropy, lse)`` ``[N]`` from ``[world, N]`` shard statistics (see the module doc),
+    combined in float64 and returned in the statistics' dtype."""
+    dtype = lse_r.dtype
     lse_r, entropy_r = lse_r.double(), entropy_r.double()
     lse = torch.logsumexp(lse_r, 0)
     log_w = lse_r - lse
@@ -82,7 +86,7 @@ def _combine(lse_r: Tensor, entropy_r: Tensor, z_label: Tensor) -> tuple[Tensor,
     # A label logit of -inf is -inf, also where the whole row is -inf (lse = -inf).
     z_label = z_label.double().sum(0)
     logp = torch.where(z_label > -torch.inf, z_label - lse, -torch.inf)
-    return logp.float(), entropy.float(), lse.float()
+    return logp.to(dtype), entropy.to(dtype), lse.to(dtype)
 
 
 class _ParallelLogprobs(torch.autograd.Function):
@@ -90,10 +94,10 @@ class _ParallelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, labels, inv_temp, ignore_index, group, vocab_start, vocab_size, inplace):
         width = logits.shape[1]
         _, entropy_r, lse_r = forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
-        # The owner's label logit, read as the kernel reads it (fp32 logit times 1/T); 0 elsewhere.
+        # The owner's label logit as the kernel reads it (converted to 1/T's dtype, times 1/T); 0 elsewhere.
         local = labels - vocab_start
         owned = (local >= 0) & (local < width)
-        picked = logits.gather(1, local.clamp(0, width - 1)[:, None])[:, 0].float() * inv_temp
+        picked = logits.gather(1, local.clamp(0, width - 1)[:, None])[:, 0].to(inv_temp.dtype) * inv_temp
         z_label = torch.where(owned, picked, 0.0)
         stats = _all_gather_rows(torch.stack([lse_r, entropy_r, z_label], 1), group)
         logp, entropy, lse = _combine(*stats.unbind(2))

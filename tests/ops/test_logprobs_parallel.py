@@ -109,7 +109,8 @@ def _check_shard(rank, dtype, starts, widths, temperature, leading, return_entro
 
     full = x.clone().requires_grad_()
     full_logp, full_entropy = _run(full, labels, temperature, grads, return_entropy)
-    low = dtype != torch.float32
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    low = dtype in (torch.bfloat16, torch.float16)
     # The unsharded kernel on the same numbers: only the combination's rounding differs.
     torch.testing.assert_close(logp, full_logp, rtol=1e-5, atol=1e-5)
     if return_entropy:
@@ -134,6 +135,7 @@ CONFIGS = {
     "uneven, rank 0 holds the top": (torch.float32, [477, 0], [300, 477], "per sequence", (4, 5), True, False),
     "logp only, in place": (torch.float32, [0, 513], [513, 513], 2.0, (2, 9), False, True),
     "bf16, in place": (torch.bfloat16, [0, 700], [700, 301], "per token", (3, 6), True, True),
+    "fp64 (fp64 statistics)": (torch.float64, [0, 300], [300, 300], "per token", (2, 6), True, False),
 }
 
 
