@@ -21,6 +21,13 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--interpret", action="store_true",
                         help="also run the Triton kernels under the interpreter on CPU (slow)")
     verify.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
+
+    demo = commands.add_parser("demo", help="RLHF end to end on a synthetic task: pre-train, reward model, PPO")
+    demo.add_argument("--quick", action="store_true", help="a shorter run (under 2 minutes on 2 CPU cores)")
+    demo.add_argument("--impl", choices=["fused", "reference", "both"], default="fused",
+                      help="ops to train with; both: a fused run, then a reference run, shown side by side")
+    demo.add_argument("--out", metavar="DIR", help="write metrics.jsonl, summary.json and demo.png here")
+    demo.add_argument("--seed", type=int, default=0)
     return top
 
 
@@ -28,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "bench":
         from fastrlhf.bench.runner import main as command
+    elif args.command == "demo":
+        from fastrlhf.demo import main as command
     else:
         from fastrlhf.bench.verify import main as command
     return command(args)
