@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
                       help="ops to train with; both: a fused run, then a reference run, shown side by side")
     demo.add_argument("--out", metavar="DIR", help="write metrics.jsonl, summary.json and demo.png here")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1: the demo's models are too small to gain from more)")
     return top
 
 

@@ -45,18 +45,19 @@ PROMPT_LEN = 4
 
 @dataclass
 class Settings:
-    response_len: int = 8
+    response_len: int = 6  # max new tokens: up to 5 digits and EOS
     d_model: int = 64
     n_layer: int = 2
     pretrain_steps: int = 300
-    rm_pairs: int = 8192
-    rm_steps: int = 600
-    ppo_steps: int = 100
+    rm_pairs: int = 16384
+    rm_steps: int = 1500
+    rm_lr: float = 2e-3  # decays linearly to 0
+    ppo_steps: int = 120
     batch_size: int = 64
     eval_prompts: int = 512
 
 
-QUICK = Settings(pretrain_steps=150, rm_pairs=4096, rm_steps=300, ppo_steps=40)
+QUICK = Settings(pretrain_steps=150, rm_pairs=8192, rm_steps=500, ppo_steps=40)
 
 
 # -- the task --------------------------------------------------------------------------------------
@@ -118,13 +119,15 @@ def preference_pairs(n: int, s: Settings, generator) -> PreferenceBatch:
 def train_reward_model(rm: ValueModel, s: Settings, impl: str, generator, progress, log) -> list[tuple[int, float]]:
     """Trains ``rm``; returns (step, held-out accuracy) at each evaluation."""
     train, heldout = preference_pairs(s.rm_pairs, s, generator), preference_pairs(1024, s, generator)
-    trainer = RewardTrainer(rm, RewardConfig(lr=1e-3), impl=impl)
+    trainer = RewardTrainer(rm, RewardConfig(lr=s.rm_lr), impl=impl)
+    schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1 - step / s.rm_steps)
     task = progress.add_task("train reward model", total=s.rm_steps)
     curve = []
     for step in range(s.rm_steps):
         rows = torch.randint(0, train.chosen_ids.shape[0], (s.batch_size,), generator=generator)
         stats = trainer.train_step(train.rows(rows))
-        if step % 50 == 49 or step == s.rm_steps - 1:
+        schedule.step()
+        if (step + 1) % max(1, s.rm_steps // 8) == 0 or step == s.rm_steps - 1:
             accuracy = trainer.evaluate(heldout)["accuracy"]
             curve.append((step + 1, accuracy))
             log({"stage": "rm", "step": step, **stats, "heldout_accuracy": accuracy})
@@ -233,6 +236,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else Settings()
     impls = ["fused", "reference"] if args.impl == "both" else [args.impl]
     out = args.out
