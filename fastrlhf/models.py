@@ -133,6 +133,23 @@ class HFCausalLM(nn.Module):
         return self.model.base_model(input_ids=input_ids).last_hidden_state
 
 
+def as_causal_lm(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has ``output_weight``; a Hugging Face causal LM wrapped in ``HFCausalLM``."""
+    if hasattr(model, "output_weight"):
+        return model
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "base_model"):
+        return HFCausalLM(model)
+    raise TypeError(f"model: expected a TinyGPT, an HFCausalLM or a transformers causal LM, got {type(model).__name__}")
+
+
+def freeze_unread_lm_head(model: ValueModel) -> None:
+    """Stops training a value model's LM head, which its values never read (DDP needs every trained
+    parameter to get a gradient); a head tied to the input embedding is read, and stays trainable."""
+    weight = model.backbone.output_weight
+    if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) == 1:
+        weight.requires_grad_(False)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Sets every ``nn.Dropout`` to p = 0 and the model to eval mode (where Hugging Face attention skips
     its dropout): RL needs the sampling and the training forward passes to be the same function."""

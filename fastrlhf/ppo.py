@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fastrlhf import checkpoint, checks
 from fastrlhf.impl import Ops
-from fastrlhf.models import disable_dropout
+from fastrlhf.models import as_causal_lm, disable_dropout, freeze_unread_lm_head
 from fastrlhf.sampling import generate, response_mask
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -187,7 +187,8 @@ class PPOTrainer:
     """PPO on a causal LM against a learned reward model.
 
     Args:
-        policy: the LM to train (``policy(ids) -> hidden``, ``policy.output_weight``), e.g. ``TinyGPT``.
+        policy: the LM to train (``policy(ids) -> hidden``, ``policy.output_weight``): a ``TinyGPT``, an
+            ``HFCausalLM``, or a Hugging Face causal LM (wrapped in ``HFCausalLM`` here).
         reward_model: a ``ValueModel`` (frozen here); the critic starts as a copy of it.
         config: a ``PPOConfig``.
         impl: ``"fused"`` (fastrlhf's ops) or ``"reference"`` (their plain-torch references).
@@ -202,10 +203,11 @@ class PPOTrainer:
         self.ops = Ops(impl)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
-        self.policy = disable_dropout(policy)
+        self.policy = disable_dropout(as_causal_lm(policy))
+        self.device = next(self.policy.parameters()).device
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self.critic = disable_dropout(copy.deepcopy(reward_model)).requires_grad_(True)
-        self.critic.backbone.output_weight.requires_grad_(False)  # the critic never reads its LM head
+        freeze_unread_lm_head(self.critic)
         self.reward_model = disable_dropout(reward_model).requires_grad_(False)
         self.policy_train, self.critic_train = self.policy, self.critic
         if self.distributed:
@@ -218,8 +220,7 @@ class PPOTrainer:
         ], lr=config.lr, weight_decay=0.0)
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.score_moments = RunningMoments()
-        self.generator = torch.Generator().manual_seed(config.seed + self.rank)
-        self.device = next(policy.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)
         self.step_count = 0
 
     # -- one step ------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ class PPOTrainer:
         micro = cfg.micro_batch_size or minibatch
         totals, updates = torch.zeros(len(STATS) + 1, dtype=torch.float64), 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
+            order = torch.randperm(B, generator=self.generator, device=self.device)
             for rows in order.split(minibatch):
                 tokens, sequences = self._all_sum(
                     torch.tensor([exp.mask[rows].sum().item(), len(rows)], dtype=torch.float64)).tolist()
@@ -344,7 +345,7 @@ class PPOTrainer:
                 "vf_clipfrac": vf_clipped,
             }
             sums = torch.stack([torch.where(mask, per_token[k].double(), 0.0).sum() for k in STATS] + [mask.sum().double()])
-        return loss, sums
+        return loss, sums.cpu()
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -381,7 +382,7 @@ class PPOTrainer:
         """``1 - Var(returns - values) / Var(returns)`` over the valid tokens of the global batch."""
         r, d = returns[mask].double(), (returns - values)[mask].double()
         n, sr, sr2, sd, sd2 = self._all_sum(torch.stack([
-            torch.tensor(float(r.numel()), dtype=torch.float64), r.sum(), r.square().sum(), d.sum(), d.square().sum()])).tolist()
+            r.new_tensor(float(r.numel())), r.sum(), r.square().sum(), d.sum(), d.square().sum()])).tolist()
         var_r = sr2 / n - (sr / n) ** 2
         return float("nan") if var_r <= 0 else 1.0 - (sd2 / n - (sd / n) ** 2) / var_r
 

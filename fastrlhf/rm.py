@@ -48,8 +48,7 @@ class RewardTrainer:
 
     def __init__(self, model: ValueModel, config: RewardConfig | None = None, *, impl: str = "fused"):
         self.model, self.cfg, self.ops = model, config or RewardConfig(), Ops(impl)
-        self.model.backbone.output_weight.requires_grad_(self.cfg.lm_coef > 0)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr,
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
                                            weight_decay=self.cfg.weight_decay)
 
     def loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -14,7 +14,8 @@ from fastrlhf.sampling import response_mask
 
 # the DDP test's worker processes import the helpers by module name, so they live on sys.path
 sys.path.insert(0, os.path.dirname(__file__))
-from ppo_helpers import DDP_OVERRIDES, EOS, P, PAD, assert_same_params, batch, config, ddp_worker, models, params, trainer  # noqa: E402
+from ppo_helpers import (DDP_OVERRIDES, EOS, P, PAD, R, assert_same_params, batch, config, ddp_worker, models,  # noqa: E402
+                         params, trainer)
 
 
 # -- loss terms against float64 formulas written out element by element ----------------------------
@@ -244,3 +245,20 @@ def test_two_process_ddp_matches_one_process_on_the_union_batch(tmp_path):
         assert_same_params(params(single), got["params"], rtol=1e-4, atol=1e-5)
         for key in ("score", "kl", "policy_loss", "value_loss", "kl_coef", "explained_variance"):
             assert got["metrics"][-1][key] == pytest.approx(expected[-1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_hugging_face_policy_and_reward_model():
+    transformers = pytest.importorskip("transformers")
+    from fastrlhf.models import HFCausalLM
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=8, n_embd=16, n_layer=1, n_head=2,
+                                                                    n_positions=P + R))
+
+    t = PPOTrainer(gpt2(), ValueModel(HFCausalLM(gpt2())), config())
+    assert t.critic.backbone.output_weight.requires_grad  # tied to the input embedding, so still trained
+    before = params(t)
+    metrics = t.step(*batch())
+    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "kl", "entropy"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(t)))
