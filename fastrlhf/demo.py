@@ -4,15 +4,18 @@ The task. Tokens are ``PAD = 0``, ``EOS = 1`` and the digits 0..9 (tokens 2..11)
 ``PROMPT_LEN`` random digits; a response is digits ended by EOS. The hidden scorer, which only the demo
 sees, rates a response by the share of its digits that are larger than the digit just before them (the
 first digit is compared with the prompt's last): ``9 2 | 3 5 4 EOS`` scores 2/3. A response with no
-digit scores 0. Uniformly random digits score about 0.45; strictly ascending ones score 1.
+digit, or without EOS (cut at the length limit), scores 0. Uniformly random digits score about 0.45;
+strictly ascending ones score 1.
 
 The stages:
 
 1. pre-train ``TinyGPT`` on prompts followed by random responses (random digits, random length), so it
    samples varied responses (negative log-likelihood from ``linear_logprobs``);
-2. train a reward model (the pre-trained backbone plus a scalar head) on pairs of such responses to the
-   same prompt, the one the hidden scorer rates higher being chosen (ties dropped); report its
-   accuracy on held-out pairs;
+2. train a reward model (the pre-trained backbone plus a scalar head) on pairs of random responses to
+   the same prompt, some of them cut before their EOS, the one the hidden scorer rates higher being
+   chosen (ties dropped); report its accuracy on held-out pairs. (Without cut responses among the
+   pairs, the reward model has never seen a response without EOS and may rate them highly, and PPO
+   learns to never stop: reward hacking.)
 3. run PPO against the learned reward model (never the hidden scorer);
 4. report the hidden scorer's mean on a fixed set of evaluation prompts before and after PPO, and the
    KL from the trained policy to the reference (pre-trained) policy on those responses.
@@ -57,29 +60,32 @@ class Settings:
     eval_prompts: int = 512
 
 
-QUICK = Settings(pretrain_steps=150, rm_pairs=8192, rm_steps=500, ppo_steps=40)
+QUICK = Settings(pretrain_steps=150, rm_pairs=8192, rm_steps=800, ppo_steps=40)
 
 
 # -- the task --------------------------------------------------------------------------------------
 
 
 def hidden_score(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """``[B]`` float in [0, 1]: the share of each response's digits that exceed the digit before them."""
+    """``[B]`` float in [0, 1]: the share of each response's digits that exceed the digit before them;
+    0 for a response without EOS."""
     digits = response_mask(responses, EOS) & (responses != EOS) & (responses != PAD)
+    finished = (responses == EOS).any(1)
     before = torch.cat([prompts[:, -1:], responses[:, :-1]], dim=1)
     rises = (responses > before) & digits
     count = digits.sum(1)
-    return torch.where(count > 0, rises.sum(1) / count.clamp(min=1), 0.0)
+    return torch.where(finished & (count > 0), rises.sum(1) / count.clamp(min=1), 0.0)
 
 
 def random_prompts(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(FIRST_DIGIT, VOCAB, (n, PROMPT_LEN), generator=generator)
 
 
-def random_responses(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """``[n, length]``: 1 to ``length - 1`` uniform digits, EOS, then PAD."""
+def random_responses(n: int, length: int, generator: torch.Generator, cut: bool = False) -> torch.Tensor:
+    """``[n, length]``: 1 to ``length - 1`` uniform digits, EOS, then PAD; with ``cut``, also (one time
+    in ``length``) ``length`` digits and no EOS."""
     digits = torch.randint(FIRST_DIGIT, VOCAB, (n, length), generator=generator)
-    stop = torch.randint(1, length, (n, 1), generator=generator)
+    stop = torch.randint(1, length + cut, (n, 1), generator=generator)
     position = torch.arange(length)[None]
     return torch.where(position < stop, digits, torch.where(position == stop, EOS, PAD))
 
@@ -106,7 +112,7 @@ def pretrain(policy: TinyGPT, s: Settings, ops: Ops, generator, progress, log) -
 
 def preference_pairs(n: int, s: Settings, generator) -> PreferenceBatch:
     prompts = random_prompts(n, generator)
-    a, b = (random_responses(n, s.response_len, generator) for _ in range(2))
+    a, b = (random_responses(n, s.response_len, generator, cut=True) for _ in range(2))
     score_a, score_b = hidden_score(prompts, a), hidden_score(prompts, b)
     keep = score_a != score_b
     a_wins = (score_a > score_b)[:, None]

@@ -291,7 +291,7 @@ class PPOTrainer:
             raise ValueError(f"num_minibatches: expected a divisor of the batch size {B}, got {cfg.num_minibatches}")
         minibatch = B // cfg.num_minibatches
         micro = cfg.micro_batch_size or minibatch
-        totals, updates = torch.zeros(len(STATS) + 1, dtype=torch.float64), 0
+        totals, updates, stop = torch.zeros(len(STATS) + 1, dtype=torch.float64), 0, False
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=self.generator, device=self.device)
             for rows in order.split(minibatch):
@@ -304,17 +304,18 @@ class PPOTrainer:
                     (loss * self.world).backward()  # DDP averages gradients over ranks; the loss is a global sum
                     sums += part_sums
                 if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[1]["params"], cfg.max_grad_norm)
+                    for group in self.optimizer.param_groups:  # policy, then critic
+                        torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm)
                 self.optimizer.step()
                 sums = self._all_sum(sums)
                 totals += sums
                 updates += 1
-                if cfg.target_kl is not None and sums[STATS.index("approx_kl")] / sums[-1] > cfg.target_kl:
+                # the same global value on every rank, so all ranks stop together
+                stop = cfg.target_kl is not None and sums[STATS.index("approx_kl")] / sums[-1] > cfg.target_kl
+                if stop:
                     break
-            else:
-                continue
-            break
+            if stop:
+                break
         means = (totals[:-1] / totals[-1]).tolist()
         return {**dict(zip(STATS, means)), "updates": updates}
 

@@ -12,9 +12,9 @@ def test_hidden_score():
     prompts = torch.tensor([[d[9], d[2]]] * 4)
     responses = torch.tensor([[d[3], d[5], d[4], EOS, PAD],  # 3 > 2, 5 > 3, 4 < 5: 2/3
                               [EOS, PAD, PAD, PAD, PAD],  # no digit: 0
-                              [d[1], d[2], d[3], d[4], d[5]],  # no EOS, 4 rises of 5
+                              [d[1], d[2], d[3], d[4], d[5]],  # no EOS: 0
                               [d[3], EOS, d[9], PAD, PAD]])  # only what comes before the EOS counts
-    torch.testing.assert_close(hidden_score(prompts, responses), torch.tensor([2 / 3, 0.0, 0.8, 1.0]))
+    torch.testing.assert_close(hidden_score(prompts, responses), torch.tensor([2 / 3, 0.0, 0.0, 1.0]))
 
 
 def test_quick_demo_learns(tmp_path):
