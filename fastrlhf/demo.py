@@ -52,7 +52,7 @@ class Settings:
     d_model: int = 64
     n_layer: int = 2
     pretrain_steps: int = 300
-    rm_pairs: int = 16384
+    rm_pairs: int = 32768
     rm_steps: int = 1500
     rm_lr: float = 2e-3  # decays linearly to 0
     ppo_steps: int = 120
@@ -60,7 +60,7 @@ class Settings:
     eval_prompts: int = 512
 
 
-QUICK = Settings(pretrain_steps=150, rm_pairs=8192, rm_steps=800, ppo_steps=40)
+QUICK = Settings(pretrain_steps=150, rm_pairs=16384, rm_steps=800, ppo_steps=40)
 
 
 # -- the task --------------------------------------------------------------------------------------
