@@ -203,17 +203,19 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    rm_axis = axes[0].twinx()  # the reward model's scale is its own
     for r in results:
         steps = [m["step"] for m in r["ppo_curve"]]
         axes[0].plot(steps, [m["hidden_score"] for m in r["ppo_curve"]], label=f"hidden score ({r['impl']})")
-        axes[0].plot(steps, [m["score"] for m in r["ppo_curve"]], "--", label=f"reward model ({r['impl']})")
+        rm_axis.plot(steps, [m["score"] for m in r["ppo_curve"]], ":", label=f"reward model ({r['impl']}, right)")
         axes[1].plot(steps, [m["kl"] for m in r["ppo_curve"]], label=r["impl"])
         axes[2].plot(*zip(*r["rm_curve"]), marker="o", label=r["impl"])
     for ax, title, xlabel in zip(axes, ["score of the rollouts", "KL to reference (per sequence)",
                                         "reward model held-out accuracy"], ["PPO step", "PPO step", "RM step"]):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.legend()
+        ax.legend(loc="upper left")
+    rm_axis.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
