@@ -265,9 +265,8 @@ def main(args: argparse.Namespace) -> int:
             metrics_file.close()
     Console().print(table(results))
     if out:
-        summary = {k: v for k, v in results[0].items() if k not in ("rm_curve", "ppo_curve")}
-        summary["impl"] = args.impl
-        summary["runs"] = {r["impl"]: {k: v for k, v in r.items() if k not in ("rm_curve", "ppo_curve")} for r in results}
+        figures = [{k: v for k, v in r.items() if k not in ("rm_curve", "ppo_curve")} for r in results]
+        summary = {**figures[0], "impl": args.impl, "runs": {f["impl"]: f for f in figures}}
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         plot(results, os.path.join(out, "demo.png"))

@@ -345,8 +345,8 @@ class PPOTrainer:
                 "clipfrac_lower": (ratio < 1 - cfg.clip_low) & (advantages < 0),
                 "vf_clipfrac": vf_clipped,
             }
-            sums = torch.stack([torch.where(mask, per_token[k].double(), 0.0).sum() for k in STATS] + [mask.sum().double()])
-        return loss, sums.cpu()
+            sums = [torch.where(mask, per_token[k].double(), 0.0).sum() for k in STATS] + [mask.sum().double()]
+        return loss, torch.stack(sums).cpu()
 
     # -- helpers ---------------------------------------------------------------------------------------
 

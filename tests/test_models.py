@@ -9,7 +9,8 @@ EOS, PAD = 1, 0
 
 def tiny(**kwargs):
     torch.manual_seed(0)
-    return TinyGPT(TinyGPTConfig(**{"vocab_size": 8, "n_layer": 1, "n_head": 2, "d_model": 16, "max_len": 12, **kwargs}))
+    settings = {"vocab_size": 8, "n_layer": 1, "n_head": 2, "d_model": 16, "max_len": 12, **kwargs}
+    return TinyGPT(TinyGPTConfig(**settings))
 
 
 def test_tiny_gpt_is_causal():

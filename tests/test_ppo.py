@@ -14,8 +14,8 @@ from fastrlhf.sampling import response_mask
 
 # the DDP test's worker processes import the helpers by module name, so they live on sys.path
 sys.path.insert(0, os.path.dirname(__file__))
-from ppo_helpers import (DDP_OVERRIDES, EOS, P, PAD, R, assert_same_params, batch, config, ddp_worker, models,  # noqa: E402
-                         params, trainer)
+from ppo_helpers import (DDP_OVERRIDES, EOS, P, PAD, R, assert_same_params, batch, config,  # noqa: E402
+                         ddp_worker, models, params, trainer)
 
 
 # -- loss terms against float64 formulas written out element by element ----------------------------
@@ -36,7 +36,7 @@ def test_kl_estimators_match_formulas():
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 def test_policy_loss_matches_formula(dual_clip):
     g = torch.Generator().manual_seed(0)
-    logp, old = -torch.rand(64, generator=g, dtype=torch.float64) * 3, -torch.rand(64, generator=g, dtype=torch.float64) * 3
+    logp, old = (-torch.rand(64, generator=g, dtype=torch.float64) * 3 for _ in range(2))
     adv = torch.randn(64, generator=g, dtype=torch.float64) * 2
     expected = []
     for lp, o, a in zip(logp.tolist(), old.tolist(), adv.tolist()):
