@@ -32,9 +32,10 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     ignored = labels == ignore_index
     logp_all = z.log_softmax(-1)
     logp = logp_all.gather(-1, labels.masked_fill(ignored, 0).long()[..., None])[..., 0]
-    # verl's entropy_from_logits; softmax * z is 0 * -inf = NaN at masked logits, so those are skipped.
+    # verl's entropy_from_logits; softmax * z is 0 * -inf = NaN at -inf logits, so those read as 0 (before
+    # the product, so that its gradient is 0 there too, not 0 * -inf).
     p = z.softmax(-1)
-    entropy = torch.logsumexp(z, -1) - torch.where(p > 0, p * z, 0.0).sum(-1)
+    entropy = torch.logsumexp(z, -1) - (p * z.masked_fill(p == 0, 0.0)).sum(-1)
     return _finish(logp, entropy, ignored, return_entropy)
 
 
@@ -49,7 +50,7 @@ def selective_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, re
         row_logp = row.log_softmax(-1)
         logp.append(row_logp[label])
         if return_entropy:
-            entropy.append(-(torch.where(row_logp > -torch.inf, row_logp.exp() * row_logp, 0.0)).sum())
+            entropy.append(-(row_logp.exp() * row_logp.masked_fill(row_logp == -torch.inf, 0.0)).sum())
     shape = labels.shape
     logp = torch.stack(logp).reshape(shape) if logp else z.new_zeros(shape)
     entropy = (torch.stack(entropy).reshape(shape) if entropy else z.new_zeros(shape)) if return_entropy else None

@@ -1,0 +1,306 @@
+"""fastrlhf.logprobs against the float64 log_softmax + gather reference, on every backend."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastrlhf
+from fastrlhf import backend, reference
+
+F64 = torch.float64
+IGNORE = -100
+
+
+def inputs(rows, V, dtype=torch.float32, seed=0, scale=3.0):
+    """Realistic logits: most rows random, one very peaked, one of equal logits; some ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, V, generator=g, dtype=F64) * scale
+    labels = torch.randint(0, V, (rows,), generator=g)
+    if rows >= 3:
+        logits[1, labels[1]] += 40.0   # peaked: p(label) ~ 1
+        logits[2] = 0.7                # flat: every p = 1/V
+    if rows >= 4:
+        labels[3] = IGNORE
+    return logits.to(dtype), labels
+
+
+def exact(logits, labels, upstream=None, **kw):
+    """float64 reference outputs, and the logits' gradient for upstream (g_logp, g_entropy) if given."""
+    x = logits.to(F64).requires_grad_()
+    temperature = kw.pop("temperature", 1.0)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(F64)
+    logp, entropy = reference.logprobs(x, labels, temperature=temperature, return_entropy=True, **kw)
+    if upstream is None:
+        return logp.detach(), entropy.detach()
+    grad = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), x)[0]
+    return logp.detach(), entropy.detach(), grad
+
+
+def fused(logits, labels, upstream, **kw):
+    x = logits.clone().requires_grad_()
+    logp, entropy = fastrlhf.logprobs(x, labels, return_entropy=True, **kw)
+    assert logp.dtype == entropy.dtype == (F64 if logits.dtype == F64 else torch.float32)
+    grad = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), x)[0]
+    return logp.detach(), entropy.detach(), grad
+
+
+def upstream_for(labels, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+
+
+def assert_close_fp32(got, want, names=("logp", "entropy", "grad")):
+    for name, x, y in zip(names, got, want):
+        torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("V", [1, 2, 33, 1000, 4097, 9000])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_matches_float64_reference(kernel_backend, V, temperature):
+    logits, labels = inputs(5, V, seed=V)
+    up = upstream_for(labels)
+    assert_close_fp32(fused(logits, labels, up, temperature=temperature),
+                      exact(logits, labels, up, temperature=temperature))
+
+
+def test_leading_shape_and_per_token_temperature(kernel_backend):
+    logits, labels = inputs(2 * 3, 300, seed=3)
+    logits, labels = logits.view(2, 3, 300), labels.view(2, 3)
+    for temperature in (torch.tensor([[0.7], [1.3]]), torch.rand(2, 3, generator=torch.Generator().manual_seed(4)) + 0.5):
+        up = upstream_for(labels)
+        assert_close_fp32(fused(logits, labels, up, temperature=temperature),
+                          exact(logits, labels, up, temperature=temperature))
+
+
+def test_reference_backend_matches_float64():
+    logits, labels = inputs(6, 500, seed=5)
+    with backend.use_backend("reference"):
+        logp, entropy = fastrlhf.logprobs(logits, labels, return_entropy=True)
+    assert_close_fp32((logp, entropy), exact(logits, labels))
+
+
+@pytest.mark.parametrize("V", [151936, 262144])
+def test_large_vocab(kernel_backend, V):
+    rows = 2 if kernel_backend == "triton" else 6
+    logits, labels = inputs(rows, V, seed=6)
+    up = upstream_for(labels)
+    assert_close_fp32(fused(logits, labels, up), exact(logits, labels, up))
+
+
+def test_rows_times_vocab_past_int32_cpp():
+    """rows * V > 2^31: the last rows must be read at 64-bit offsets (bf16, 4.3 GB)."""
+    rows, V = 14200, 151936
+    logits = torch.empty(rows, V, dtype=torch.bfloat16)
+    logits.view(torch.int16).fill_(0)  # bf16 zeros, written fast
+    tail = inputs(4, V, dtype=torch.bfloat16, seed=7)[0]
+    logits[-4:] = tail
+    labels = torch.full((rows,), IGNORE)
+    labels[-4:] = torch.tensor([0, 5, V - 1, 1234])
+    with backend.use_backend("cpp"):
+        logp, entropy = fastrlhf.logprobs(logits, labels, return_entropy=True)
+    want_logp, want_entropy = exact(tail, labels[-4:])
+    torch.testing.assert_close(logp[-4:].double(), want_logp, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(entropy[-4:].double(), want_entropy, rtol=2e-5, atol=2e-5)
+    assert (logp[:-4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits(dtype):
+    """bf16/fp16 logits are read exactly and upcast: outputs to fp32 accuracy; the gradient, stored in the
+    logits' dtype, within twice the rounding of the exact gradient to that dtype."""
+    logits, labels = inputs(8, 3000, dtype=dtype, seed=8)
+    up = upstream_for(labels)
+    backends = ["cpp"] + (["triton"] if dtype == torch.float16 else [])  # the interpreter mishandles bf16
+    want = exact(logits, labels, up)
+    for name in backends:
+        with backend.use_backend(name):
+            got = fused(logits, labels, up)
+        assert got[2].dtype == dtype
+        assert_close_fp32(got[:2], want[:2])
+        rounding = (want[2].to(dtype).double() - want[2]).abs().max()
+        assert (got[2].double() - want[2]).abs().max() <= 2 * rounding + 1e-7, name
+
+
+def test_ignored_rows_give_zero_and_no_gradient(kernel_backend):
+    logits, labels = inputs(6, 200, seed=9)
+    labels[[0, 4]] = IGNORE
+    logits[4] = math.nan  # an ignored row is never read into anything
+    up = upstream_for(labels)
+    logp, entropy, grad = fused(logits, labels, up)
+    assert (logp[[0, 4]] == 0).all() and (entropy[[0, 4]] == 0).all()
+    assert (grad[[0, 4]] == 0).all()
+    keep = [1, 2, 3, 5]
+    assert_close_fp32((logp[keep], entropy[keep], grad[keep]), exact(logits[keep], labels[keep], (up[0][keep], up[1][keep])))
+
+
+def test_custom_ignore_index(kernel_backend):
+    logits, labels = inputs(4, 50, seed=10)
+    labels[2], labels[3] = 7, 9
+    logp = fastrlhf.logprobs(logits, labels, ignore_index=7)
+    assert logp[2] == 0
+    torch.testing.assert_close(logp[[0, 1, 3]].double(), exact(logits, labels)[0][[0, 1, 3]], rtol=2e-5, atol=2e-5)
+
+
+def test_minus_inf_logits(kernel_backend):
+    """A padded vocabulary and top-k masking give -inf logits: finite results wherever the label's logit is
+    finite, -inf log-prob (never NaN) where it is not, and finite gradients everywhere."""
+    V = 5000
+    logits, labels = inputs(5, V, seed=11)
+    logits[:, 4900:] = -math.inf                      # vocabulary padded past 4900
+    logits[0, :4000] = -math.inf                      # top-k: only 900 candidates left in row 0
+    labels[0] = 4500
+    labels[1] = 4950                                  # a label in the padding: log-prob -inf
+    logits[2] = -math.inf                             # a row with nothing left
+    up = upstream_for(labels)
+    logp, entropy, grad = fused(logits, labels, up)
+    assert logp[1] == -math.inf and logp[2] == -math.inf
+    assert entropy[2] == 0
+    assert grad.isfinite().all() and entropy.isfinite().all()
+    assert (grad[:, 4900:][[0, 3, 4]] == 0).all()
+    finite = [0, 3, 4]
+    assert_close_fp32((logp[finite], entropy[finite], grad[finite]),
+                      exact(logits[finite], labels[finite], (up[0][finite], up[1][finite])))
+
+
+def test_inplace_backward_same_gradient_and_guarded(kernel_backend):
+    logits, labels = inputs(5, 700, seed=12)
+    up = upstream_for(labels)
+    want = fused(logits, labels, up)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1.0  # the op's input is a non-leaf whose storage the backward may overwrite
+    logp, entropy = fastrlhf.logprobs(x, labels, return_entropy=True, inplace_backward=True)
+    version = x._version
+    grad = torch.autograd.grad((logp * up[0]).sum() + (entropy * up[1]).sum(), x, retain_graph=True)[0]
+    assert x._version > version, "the in-place write is declared to autograd"
+    assert grad.data_ptr() == x.data_ptr(), "the gradient lives in the logits' storage"
+    torch.testing.assert_close(grad, want[2])
+    # Anything else that saved these logits now fails loudly instead of using the overwritten values.
+    # Something saved these logits before (its backward runs after ours) and so sees them overwritten.
+    y = leaf * 1.0
+    other = (y * y).sum()
+    logp = fastrlhf.logprobs(y, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + other).backward()
+
+
+def test_batch_invariance(kernel_backend):
+    """A row's results do not depend on the other rows in the batch."""
+    logits, labels = inputs(9, 3000, seed=13)
+    logp, entropy = fastrlhf.logprobs(logits, labels, return_entropy=True)
+    for rows in ([4], [0, 4, 8], list(range(3, 9))):
+        sub_logp, sub_entropy = fastrlhf.logprobs(logits[rows], labels[rows], return_entropy=True)
+        assert torch.equal(sub_logp, logp[rows]) and torch.equal(sub_entropy, entropy[rows])
+
+
+def test_only_logp_gets_a_gradient(kernel_backend):
+    logits, labels = inputs(4, 300, seed=14)
+    x = logits.clone().requires_grad_()
+    g = torch.randn(4)
+    grad = torch.autograd.grad((fastrlhf.logprobs(x, labels) * g).sum(), x)[0]
+    xd = logits.double().requires_grad_()
+    want = torch.autograd.grad((reference.logprobs(xd, labels) * g.double()).sum(), xd)[0]
+    torch.testing.assert_close(grad.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_strided_logits(kernel_backend):
+    """Rows with a stride larger than V (a slice of a wider tensor) are read in place."""
+    wide, labels = inputs(4, 520, seed=15)
+    logits = wide[:, 10:510]
+    labels = labels.clamp(max=499)
+    up = upstream_for(labels)
+    assert_close_fp32(fused(logits, labels, up), exact(logits, labels, up))
+
+
+def test_gradcheck_float64(kernel_backend):
+    """fp64 logits are computed in fp64 throughout: finite differences check both outputs' gradients."""
+    logits, labels = inputs(4, 7, dtype=F64, seed=16)
+    logits[0, 2] = -math.inf  # a masked token: zero probability, zero gradient
+    temperature = torch.tensor([0.8, 1.0, 1.7, 0.5], dtype=F64)
+    x = logits.clone().requires_grad_()
+    torch.autograd.gradcheck(lambda x: fastrlhf.logprobs(x, labels, temperature=temperature, return_entropy=True),
+                             (x,))
+
+
+def test_float64_matches_reference_to_float64_precision(kernel_backend):
+    logits, labels = inputs(5, 3001, dtype=F64, seed=21)
+    up = upstream_for(labels)
+    got = fused(logits, labels, (up[0].double(), up[1].double()))
+    for name, x, y in zip(("logp", "entropy", "grad"), got, exact(logits, labels, up)):
+        assert x.dtype == F64
+        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
+
+
+def test_opcheck(kernel_backend):
+    logits, labels = inputs(4, 37, seed=17)
+    inv_temp = torch.full((4,), 1.25)
+    fwd = (logits.requires_grad_(), labels, inv_temp, IGNORE, 0, 37, False)
+    torch.library.opcheck(torch.ops.fastrlhf.logprobs_forward, fwd)
+    logp, entropy, lse = torch.ops.fastrlhf.logprobs_forward(logits.detach(), labels, inv_temp, IGNORE, 0, 37, False)
+    g = upstream_for(labels)
+    bwd = (logits.detach(), labels, inv_temp, lse, entropy, g[0], g[1], IGNORE, 0, 37)
+    torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward, bwd)
+    torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward_, (logits.detach().clone(), *bwd[1:]))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    logits, labels = inputs(6, 300, seed=18)
+    temperature = torch.full((6,), 0.9)
+
+    @torch.compile(fullgraph=True, backend=compiler)
+    def loss(x, labels, temperature):
+        logp, entropy = fastrlhf.logprobs(x, labels, temperature=temperature, return_entropy=True)
+        return (logp * 2.0 - 0.01 * entropy).sum()
+
+    x = logits.clone().requires_grad_()
+    got = loss(x, labels, temperature)
+    grad = torch.autograd.grad(got, x)[0]
+    xd = logits.double().requires_grad_()
+    logp, entropy = reference.logprobs(xd, labels, temperature=temperature.double(), return_entropy=True)
+    want = (logp * 2.0 - 0.01 * entropy).sum()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(want, xd)[0], rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 5), V=st.integers(1, 300), seed=st.integers(0, 2**16),
+       temperature=st.floats(0.25, 4.0))
+def test_property_random_shapes(rows, V, seed, temperature):
+    logits, labels = inputs(rows, V, seed=seed)
+    up = upstream_for(labels, seed)
+    with backend.use_backend("cpp"), backend.poison_outputs():
+        assert_close_fp32(fused(logits, labels, up, temperature=temperature),
+                          exact(logits, labels, up, temperature=temperature))
+
+
+BAD = [
+    ("logits", lambda x, y: fastrlhf.logprobs(x.long(), y), TypeError),
+    ("logits", lambda x, y: fastrlhf.logprobs(x[0, 0], y), ValueError),
+    ("labels", lambda x, y: fastrlhf.logprobs(x, y.float()), TypeError),
+    ("labels", lambda x, y: fastrlhf.logprobs(x, y[:-1]), ValueError),
+    ("labels", lambda x, y: fastrlhf.logprobs(x, y.clamp(max=9) + 1), ValueError),    # label == V
+    ("labels", lambda x, y: fastrlhf.logprobs(x, y - 20), ValueError),               # negative label
+    ("temperature", lambda x, y: fastrlhf.logprobs(x, y, temperature=0.0), ValueError),
+    ("temperature", lambda x, y: fastrlhf.logprobs(x, y, temperature=-torch.ones(4)), ValueError),
+    ("temperature", lambda x, y: fastrlhf.logprobs(x, y, temperature=torch.ones(3)), ValueError),
+    ("temperature", lambda x, y: fastrlhf.logprobs(x, y, temperature=torch.ones(4, dtype=torch.int64)), TypeError),
+]
+
+
+@pytest.mark.parametrize("name,call,error", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(kernel_backend, name, call, error):
+    logits, labels = inputs(4, 10, seed=19)
+    with pytest.raises(error, match=name):
+        call(logits, labels)
+
+
+def test_cpp_kernel_rejects_out_of_range_labels_itself():
+    """Under torch.compile the Python label check is skipped: the C++ kernel refuses to read out of bounds."""
+    logits, labels = inputs(3, 10, seed=20)
+    labels[1] = 10
+    with pytest.raises(RuntimeError, match="labels: expected values in"):
+        torch.ops.fastrlhf.logprobs_forward(logits, labels, torch.ones(3), IGNORE, 0, 10, False)
