@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.logprobs import LOGIT_DTYPES, _canonical, _check_labels, backward_into, forward_local
+from fastrlhf.ops.logprobs import LOGIT_DTYPES, _acc_dtype, _canonical, _check_labels, backward_into, forward_local
 
 # chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
 # holds nothing else, and its token chunks get slow when small (each chunk's matmul streams all of the
@@ -35,7 +35,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     """``fastrlhf.logprobs(hidden @ weight.T + bias, labels, ...)`` without ever holding all the logits.
 
     Args:
-        hidden: ``[..., H]`` fp32, bf16 or fp16 (the last hidden states).
+        hidden: ``[..., H]`` fp32, bf16, fp16 or fp64 (the last hidden states).
         weight: ``[V, H]``, hidden's dtype and device (the lm_head as ``nn.Linear`` stores it; it may be
             tied to the input embedding).
         labels: ``[...]`` int64 or int32, hidden's leading shape; each in ``[0, V)`` or ``ignore_index``.
@@ -46,9 +46,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
             (``chunking``). Results do not depend on it beyond rounding.
 
     Returns:
-        ``logp`` (fp32, ``[...]``), or ``(logp, entropy)``. The logits are computed in hidden's dtype
-        (fp32 accumulation inside the matmul), the log-prob math in fp32. Gradients reach hidden, weight
-        and bias (hidden's is summed over vocab slices in fp32). Peak memory is one chunk's logits
+        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``. The logits are computed in
+        hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
+        Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64). Peak memory is one chunk's logits
         plus the gradients themselves.
     """
     if backend.forced_backend() == "reference":
@@ -124,7 +124,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             slice_width: int) -> tuple[Tensor, Tensor, Tensor]:
     """``[N]`` fp32 log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
     ``chunk_size`` tokens at a time; ``slice_width`` is the backward's."""
-    like = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     vocab = weight.shape[0]
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
@@ -135,7 +135,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
 
 @linear_logprobs_forward.register_fake
 def _(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, slice_width):
-    like = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
@@ -157,19 +157,20 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     need_hidden, need_weight, need_bias = needs_grad
     vocab = weight.shape[0]
     # Low precision accumulates grad_hidden in fp32 over the slices (fp32 operands too: the CPU has no
-    # mixed-precision GEMM); fp32 accumulates in place.
-    grad_hidden = torch.zeros(hidden.shape if need_hidden else 0, dtype=torch.float32, device=hidden.device)
+    # mixed-precision GEMM); fp32 and fp64 accumulate in place.
+    acc = _acc_dtype(hidden)
+    grad_hidden = torch.zeros(hidden.shape if need_hidden else 0, dtype=acc, device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = weight.new_empty(vocab if need_bias else 0)
     for cols, logits in _chunk_logits(hidden, weight, bias, slice_width, by_vocab=True):
         backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
                       cols.start, vocab)
         if need_hidden:
-            grad_hidden.addmm_(logits.float(), weight[cols].float())
+            grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
         if need_weight:
             torch.mm(logits.t(), hidden, out=grad_weight[cols])
         if need_bias:
-            grad_bias[cols] = logits.sum(0, dtype=torch.float32)
+            grad_bias[cols] = logits.sum(0, dtype=acc)
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 

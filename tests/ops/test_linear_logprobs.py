@@ -149,17 +149,23 @@ def test_low_precision_within_twice_torchs_error(dtype):
         assert err <= 2 * base + 1e-6, f"{name}: error {err:.3g}, torch's own {base:.3g}"
 
 
-@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
-def test_gradcheck(kernels):
-    """Finite differences in float32 on a small, well-conditioned case (the kernels compute in fp32;
-    fastrlhf.logprobs' kernels take no float64). Gradients against float64 autograd are tested above."""
-    hidden, weight, bias, labels = inputs(6, 5, 9, seed=11)
-    leaves = [t.float().mul(0.5).requires_grad_() for t in (hidden, weight, bias)]
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(kernels, bias):
+    """fp64 runs the matmuls and the log-prob kernels in fp64, so finite differences are exact enough."""
+    hidden, weight, b, labels = inputs(7, 5, 9, seed=11, bias=bias)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
+    temperature = 0.5 + torch.rand(7, generator=torch.Generator().manual_seed(2), dtype=F64)
 
-    def fn(h, w, b):
-        return fastrlhf.linear_logprobs(h, w, labels, bias=b, temperature=0.8, return_entropy=True, chunk_size=4)
+    def fn(h, w, b=None):
+        return fastrlhf.linear_logprobs(h, w, labels, bias=b, temperature=temperature, return_entropy=True,
+                                        chunk_size=3)
 
-    torch.autograd.gradcheck(fn, leaves, eps=1e-2, atol=5e-3, rtol=5e-3)
+    torch.autograd.gradcheck(fn, leaves)
+    logp, entropy = fn(*leaves)
+    assert logp.dtype == entropy.dtype == F64
+    want = reference.linear_logprobs(*leaves[:2], labels, bias=leaves[2] if bias else None,
+                                     temperature=temperature, return_entropy=True)
+    torch.testing.assert_close((logp, entropy), want)
 
 
 def test_opcheck(kernels):
