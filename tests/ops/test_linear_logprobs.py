@@ -1,7 +1,5 @@
 """fastrlhf.linear_logprobs against logprobs(hidden @ weight.T + bias) and the float64 reference."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +10,6 @@ from fastrlhf.ops.linear_logprobs import chunking
 
 F64 = torch.float64
 IGNORE = -100
-HAS_TRITON_LOGPROBS = importlib.util.find_spec("triton") is not None and \
-    importlib.util.find_spec("fastrlhf.kernels.logprobs") is not None
-
-
-@pytest.fixture(params=["cpp", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON_LOGPROBS, reason="the Triton log-prob kernel is not on this branch"))])
-def kernels(request):
-    with backend.use_backend(request.param):
-        yield request.param
 
 
 def inputs(tokens, H, V, seed=0, bias=True, shape=None):
@@ -66,7 +55,7 @@ def assert_close(got, want, rtol=2e-5, atol=2e-5):
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 64, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, "per-token"])
-def test_matches_float64_reference_and_unfused(kernels, chunk_size, temperature):
+def test_matches_float64_reference_and_unfused(kernel_backend, chunk_size, temperature):
     hidden, weight, bias, labels = inputs(50, 24, 301, seed=3)
     if temperature == "per-token":
         temperature = 0.5 + torch.rand(50, generator=torch.Generator().manual_seed(4))
@@ -78,7 +67,7 @@ def test_matches_float64_reference_and_unfused(kernels, chunk_size, temperature)
     assert_close(got, run(unfused, hidden, weight, bias, labels, up, torch.float32, temperature=temperature))
 
 
-def test_ignored_rows_give_zero_and_no_gradient(kernels):
+def test_ignored_rows_give_zero_and_no_gradient(kernel_backend):
     hidden, weight, bias, labels = inputs(12, 8, 40, seed=5)
     logp, entropy, grad_h, *_ = run(fastrlhf.linear_logprobs, hidden, weight, bias, labels, upstream_for(labels),
                                     torch.float32, chunk_size=5)
@@ -88,7 +77,7 @@ def test_ignored_rows_give_zero_and_no_gradient(kernels):
     assert (logp[~ignored] < 0).all() and (entropy[~ignored] > 0).all()
 
 
-def test_leading_shape_without_bias_and_logp_only(kernels):
+def test_leading_shape_without_bias_and_logp_only(kernel_backend):
     hidden, weight, _, labels = inputs(21, 16, 77, seed=6, bias=False, shape=(3, 7))
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     logp = fastrlhf.linear_logprobs(h, w, labels, chunk_size=4)
@@ -102,7 +91,7 @@ def test_leading_shape_without_bias_and_logp_only(kernels):
         torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_only_the_gradients_asked_for(kernels):
+def test_only_the_gradients_asked_for(kernel_backend):
     """A frozen weight (LoRA) or frozen hidden states get no gradient, and the others are unchanged."""
     hidden, weight, bias, labels = inputs(10, 8, 30, seed=7)
     h, w, b = hidden.float().requires_grad_(), weight.float(), bias.float().requires_grad_()
@@ -114,7 +103,7 @@ def test_only_the_gradients_asked_for(kernels):
     torch.testing.assert_close(grad_b, full[4])
 
 
-def test_tied_embedding_gets_both_gradients(kernels):
+def test_tied_embedding_gets_both_gradients(kernel_backend):
     """The lm_head tied to the input embedding: the weight's gradient is the sum of both uses."""
     V, H, T = 50, 12, 9
     ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(8))
@@ -150,7 +139,7 @@ def test_low_precision_within_twice_torchs_error(dtype):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_float64(kernels, bias):
+def test_gradcheck_float64(kernel_backend, bias):
     """fp64 runs the matmuls and the log-prob kernels in fp64, so finite differences are exact enough."""
     hidden, weight, b, labels = inputs(7, 5, 9, seed=11, bias=bias)
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
@@ -168,7 +157,7 @@ def test_gradcheck_float64(kernels, bias):
     torch.testing.assert_close((logp, entropy), want)
 
 
-def test_opcheck(kernels):
+def test_opcheck(kernel_backend):
     hidden, weight, bias, labels = inputs(9, 6, 23, seed=12)
     h, w, b = hidden.float(), weight.float(), bias.float()
     inv_temp = torch.full((9,), 1.25)
