@@ -48,8 +48,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     Returns:
         ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``. The logits are computed in
         hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
-        Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64). Peak memory is one chunk's logits
-        plus the gradients themselves.
+        Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64).
+        Peak memory is one chunk's logits plus the gradients themselves.
     """
     if backend.forced_backend() == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
@@ -148,8 +148,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     not asked for in ``needs_grad`` (hidden, weight, bias) is returned as an empty ``[0]`` tensor.
 
     ``entropy`` and ``grad_entropy`` are both given or both None (no entropy term). The backward walks
-    the vocabulary in slices of ``slice_width`` columns and all tokens: each slice's logits are recomputed and overwritten by their gradient G (the kernel takes the slice as
-    a vocab shard and the per-token logsumexp and entropy of the whole row), then
+    the vocabulary in slices of ``slice_width`` columns and all tokens: each slice's logits are
+    recomputed and overwritten by their gradient G (the kernel takes the slice as a vocab shard and the
+    per-token logsumexp and entropy of the whole row), then
     ``grad_weight[slice] = G.T @ h`` and ``grad_bias[slice] = G.sum(0)`` are final at once and only
     ``grad_hidden += G @ W[slice]`` accumulates, over a ``[N, H]`` buffer. Slicing by tokens instead
     would accumulate over the ``[V, H]`` weight gradient, reading and writing it once per chunk.

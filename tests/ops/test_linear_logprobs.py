@@ -218,27 +218,27 @@ def test_empty_batch():
 
 
 BAD = {
-    "hidden dtype": (lambda h, w, b, l: (h.long(), w, l), {}, TypeError, "hidden: expected dtype"),
-    "H mismatch": (lambda h, w, b, l: (h, w[:, :3], l), {}, ValueError, r"weight: expected shape \[V, 4\]"),
-    "weight 1-D": (lambda h, w, b, l: (h, w[0], l), {}, ValueError, "weight: expected 2-D"),
-    "weight dtype": (lambda h, w, b, l: (h, w.double(), l), {}, TypeError, "weight: expected dtype in \\(float32\\)"),
-    "labels shape": (lambda h, w, b, l: (h, w, l[:-1]), {}, ValueError, r"labels: expected shape \(6,\)"),
-    "labels dtype": (lambda h, w, b, l: (h, w, l.float()), {}, TypeError, "labels: expected dtype"),
-    "label range": (lambda h, w, b, l: (h, w, l.clamp(min=0) + 9), {}, ValueError, r"labels: expected values in \[0, 9\)"),
-    "bias shape": (lambda h, w, b, l: (h, w, l), {"bias": torch.zeros(8)}, ValueError, r"bias: expected shape \(9,\)"),
-    "bias dtype": (lambda h, w, b, l: (h, w, l), {"bias": torch.zeros(9, dtype=F64)}, TypeError, "bias: expected dtype"),
-    "chunk_size": (lambda h, w, b, l: (h, w, l), {"chunk_size": 0}, ValueError, "chunk_size: expected a positive"),
-    "chunk_size type": (lambda h, w, b, l: (h, w, l), {"chunk_size": 2.0}, TypeError, "chunk_size: expected an int"),
-    "temperature": (lambda h, w, b, l: (h, w, l), {"temperature": 0.0}, ValueError, "temperature: expected a positive"),
+    "hidden dtype": (lambda h, w, l: (h.long(), w, l), {}, TypeError, "hidden: expected dtype"),
+    "H mismatch": (lambda h, w, l: (h, w[:, :3], l), {}, ValueError, r"weight: expected shape \[V, 4\]"),
+    "weight 1-D": (lambda h, w, l: (h, w[0], l), {}, ValueError, "weight: expected 2-D"),
+    "weight dtype": (lambda h, w, l: (h, w.double(), l), {}, TypeError, "weight: expected dtype in \\(float32\\)"),
+    "labels shape": (lambda h, w, l: (h, w, l[:-1]), {}, ValueError, r"labels: expected shape \(6,\)"),
+    "labels dtype": (lambda h, w, l: (h, w, l.float()), {}, TypeError, "labels: expected dtype"),
+    "label range": (lambda h, w, l: (h, w, l.clamp(min=0) + 9), {}, ValueError, r"labels: expected values in \[0, 9\)"),
+    "bias shape": (lambda h, w, l: (h, w, l), {"bias": torch.zeros(8)}, ValueError, r"bias: expected shape \(9,\)"),
+    "bias dtype": (lambda h, w, l: (h, w, l), {"bias": torch.zeros(9, dtype=F64)}, TypeError, "bias: expected dtype"),
+    "chunk_size": (lambda h, w, l: (h, w, l), {"chunk_size": 0}, ValueError, "chunk_size: expected a positive"),
+    "chunk_size type": (lambda h, w, l: (h, w, l), {"chunk_size": 2.0}, TypeError, "chunk_size: expected an int"),
+    "temperature": (lambda h, w, l: (h, w, l), {"temperature": 0.0}, ValueError, "temperature: expected a positive"),
 }
 
 
 @pytest.mark.parametrize("case", BAD, ids=str)
 def test_bad_input_names_the_argument(case):
     make, kw, error, match = BAD[case]
-    hidden, weight, bias, labels = inputs(6, 4, 9, seed=15)
+    hidden, weight, _, labels = inputs(6, 4, 9, seed=15)
     with pytest.raises(error, match=match):
-        fastrlhf.linear_logprobs(*make(hidden.float(), weight.float(), bias, labels), **kw)
+        fastrlhf.linear_logprobs(*make(hidden.float(), weight.float(), labels), **kw)
 
 
 def test_device_mismatch_names_the_argument():
