@@ -20,9 +20,11 @@ from fastrlhf.ops.logprobs import LOGIT_DTYPES, _acc_dtype, _canonical, _check_l
 
 # chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
 # holds nothing else, and its token chunks get slow when small (each chunk's matmul streams all of the
-# weight: 4096 x 1024 x 32000 fp32 took 13.4 s at 64 tokens, 5.7 s at 2048 on this 2-core machine), so it
-# takes FORWARD_BUDGET. The backward's buffer comes on top of the weight's gradient, and its vocab slices
-# cost nothing when narrow (19.8 s at 500 and at 16000 columns), so it takes BACKWARD_BUDGET.
+# weight: 4096 x 1024 x 32000 fp32 took 13.4 s at 64 tokens, 5.7 s at 2048 on this 2-core machine under
+# other jobs' load), so it takes FORWARD_BUDGET, but no more logits than the weight has entries (at most
+# H tokens), which the backward's gradient needs anyway. The backward's buffer comes on top of the
+# weight's gradient, and its vocab slices cost nothing when narrow (19.8 s at 500 and at 16000 columns),
+# so it takes BACKWARD_BUDGET, but no more logits than the hidden states have (at most H columns).
 FORWARD_BUDGET = 128 << 20
 BACKWARD_BUDGET = 8 << 20
 MIN_CHUNK = 32      # tokens per forward chunk
@@ -59,23 +61,23 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
     vocab = weight.shape[0]
     _check_labels(flat_labels, ignore_index, vocab)
-    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab)
+    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])
     logp, entropy, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
                                                                    ignore_index, chunk, width)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
 
-def chunking(chunk_size: Optional[int], tokens: int, vocab: int) -> tuple[int, int]:
+def chunking(chunk_size: Optional[int], tokens: int, vocab: int, hidden: int) -> tuple[int, int]:
     """(tokens per forward chunk, vocab columns per backward slice), each at least 1.
 
-    None: ``clamp(FORWARD_BUDGET / (4 V), MIN_CHUNK, tokens)`` tokens and
-    ``clamp(BACKWARD_BUDGET / (4 tokens), MIN_SLICE, V)`` columns. A given ``chunk_size``: that many
-    tokens (at most all), and slices of as many logits, ``chunk_size * V / tokens`` columns.
+    None: ``clamp(min(FORWARD_BUDGET / (4 V), H), MIN_CHUNK, tokens)`` tokens and
+    ``clamp(min(BACKWARD_BUDGET / (4 tokens), H), MIN_SLICE, V)`` columns. A given ``chunk_size``: that
+    many tokens (at most all), and slices of as many logits, ``chunk_size * V / tokens`` columns.
     """
     if chunk_size is None:
-        return (max(1, min(tokens, max(MIN_CHUNK, FORWARD_BUDGET // (4 * vocab)))),
-                min(vocab, max(MIN_SLICE, BACKWARD_BUDGET // (4 * max(tokens, 1)))))
+        return (max(1, min(tokens, max(MIN_CHUNK, min(FORWARD_BUDGET // (4 * vocab), hidden)))),
+                min(vocab, max(MIN_SLICE, min(BACKWARD_BUDGET // (4 * max(tokens, 1)), hidden))))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")
     if chunk_size < 1:

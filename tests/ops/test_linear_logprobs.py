@@ -201,12 +201,16 @@ def test_reference_backend_is_the_unfused_form():
 
 
 def test_chunking_rule():
-    # 4096 tokens x 32000 vocab: 1048 tokens (128 MiB of fp32 logits) forward, 512 columns (8 MiB) backward.
-    assert chunking(None, 4096, 32000) == (1048, 512)
-    assert chunking(None, 10, 32000) == (10, 32000)         # clamped to the tokens and the vocabulary
-    assert chunking(None, 1 << 20, 262144) == (128, 128)    # at least MIN_CHUNK and MIN_SLICE
-    assert chunking(100, 50, 7) == (50, 7)
-    assert chunking(3, 50, 1000) == (3, 60)                 # the backward slice holds as many logits
+    # 4096 tokens x H 1024 x V 32000: 1024 tokens forward (the weight's size, under 128 MiB),
+    # 512 columns (8 MiB) backward.
+    assert chunking(None, 4096, 32000, 1024) == (1024, 512)
+    assert chunking(None, 2048, 151936, 2048) == (220, 1024)    # 128 MiB forward, 8 MiB backward
+    assert chunking(None, 512, 8000, 256) == (256, 256)         # at most H tokens and H columns
+    assert chunking(None, 10, 32000, 1024) == (10, 1024)        # at most the tokens
+    assert chunking(None, 1 << 20, 262144, 4096) == (128, 128)  # at least MIN_CHUNK and MIN_SLICE
+    assert chunking(None, 100, 50, 8) == (32, 50)               # at most the vocabulary
+    assert chunking(100, 50, 7, 4) == (50, 7)
+    assert chunking(3, 50, 1000, 4) == (3, 60)                  # the backward slice holds as many logits
 
 
 def test_empty_batch():
