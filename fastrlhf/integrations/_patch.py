@@ -1,10 +1,12 @@
 """Swapping functions inside an installed package, and putting them back.
 
-A trainer module that did ``from pkg.utils import f`` holds its own reference to ``f``, so replacing
-``pkg.utils.f`` alone would leave that trainer on the original. ``patch_functions`` therefore also
-rebinds every already-imported module of the package whose attribute is the very same object; modules
-imported later pick the replacement up from the defining module. The handle records each rebinding and
-restores exactly those.
+A trainer module that did ``from pkg.utils import f`` (or ``import f as g``) holds its own reference to
+``f``, and a registry such as verl's ``ADV_ESTIMATOR_REGISTRY`` holds another, so replacing
+``pkg.utils.f`` alone would leave both on the original. ``Patched`` therefore also rebinds every
+attribute of an already-imported module of the package, and every value of a module-level dict there,
+that is the very same object; modules imported later pick the replacement up from the defining module.
+A method (``pkg.loss:Loss.forward``) is set on its class, which every user shares. The handle records
+each rebinding and restores exactly those.
 """
 
 from __future__ import annotations
@@ -16,47 +18,70 @@ import warnings
 from types import ModuleType
 from typing import Any, Callable
 
+# A replacement is built from the original, so that it can keep its name and docstring
+# (functools.wraps) and hand the cases that fastrlhf does not cover back to it.
+Factory = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-def require(package: str, distribution: str, tested: tuple[str, ...]) -> ModuleType:
-    """Imports ``package``; a clear ImportError if it is missing, a warning if its version is untested.
+
+def require(distribution: str, modules: tuple[str, ...], tested: tuple[str, ...]) -> None:
+    """Imports ``modules``; a clear ImportError if one cannot be, a warning if the version is untested.
 
     ``tested`` lists version prefixes (e.g. ``"0.9."``) that the integration's tests ran against.
     """
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise ImportError(
-            f"fastrlhf.integrations.{package} patches the {distribution!r} package, which could not be "
-            f"imported ({err}). Install it, e.g. `pip install 'fastrlhf[integrations]'`."
-        ) from err
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(
+                f"fastrlhf's {distribution} integration needs {name}, which could not be imported ({err}). "
+                f"Install {distribution} with its dependencies, e.g. `pip install 'fastrlhf[integrations]'`."
+            ) from err
     version = importlib.metadata.version(distribution)
     if not version.startswith(tested):
         warnings.warn(
-            f"fastrlhf.integrations.{package} was tested with {distribution} {', '.join(v + '*' for v in tested)}, "
-            f"found {version}: the patched functions may no longer match the package's semantics.",
-            stacklevel=3)
-    return module
+            f"fastrlhf's {distribution} integration was tested with {distribution} "
+            f"{', '.join(v + '*' for v in tested)}, found {version}: the replaced functions may no longer "
+            f"match the package's semantics.", stacklevel=3)
+
+
+def resolve(target: str) -> tuple[Any, str, Any]:
+    """``"pkg.module:name"`` or ``"pkg.module:Class.name"`` -> (owner, name, current object)."""
+    module_name, _, path = target.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, name, getattr(owner, name)
 
 
 class Patched:
     """What a ``patch()`` replaced; ``unpatch()`` (or leaving the ``with`` block) restores it."""
 
-    def __init__(self, package: str, replacements: dict[str, Callable[..., Any]]):
+    def __init__(self, package: str, replacements: dict[str, Factory]):
         self.package = package
-        self._saved: list[tuple[ModuleType, str, Any]] = []
-        for qualified, replacement in replacements.items():
-            module_name, name = qualified.rsplit(".", 1)
-            original = getattr(importlib.import_module(module_name), name)
-            for module in _modules_holding(package, original, name):
-                self._saved.append((module, name, original))
-                setattr(module, name, replacement)
+        self._undo: list[Callable[[], None]] = []
+        for target, factory in replacements.items():
+            owner, name, original = resolve(target)
+            replacement = factory(original)
+            if isinstance(owner, ModuleType):
+                for namespace, key in _references(package, original):
+                    self._rebind(namespace, key, original, replacement)
+            else:
+                self._undo.append(lambda owner=owner, name=name, original=original: setattr(owner, name, original))
+                setattr(owner, name, replacement)
         self.replaced = tuple(replacements)
+
+    def _rebind(self, namespace: dict, key: Any, original: Any, replacement: Any) -> None:
+        def undo():
+            namespace[key] = original
+
+        self._undo.append(undo)
+        namespace[key] = replacement
 
     def unpatch(self) -> None:
         """Restores every rebinding, newest first (idempotent)."""
-        while self._saved:
-            module, name, original = self._saved.pop()
-            setattr(module, name, original)
+        while self._undo:
+            self._undo.pop()()
 
     def __enter__(self) -> "Patched":
         return self
@@ -65,13 +90,24 @@ class Patched:
         self.unpatch()
 
     def __repr__(self) -> str:
-        state = "active" if self._saved else "undone"
+        state = "active" if self._undo else "undone"
         return f"<fastrlhf patch of {self.package} ({state}): {', '.join(self.replaced)}>"
 
 
-def _modules_holding(package: str, original: Any, name: str) -> list[ModuleType]:
-    """Imported modules of ``package`` whose attribute ``name`` is ``original`` itself."""
+def _references(package: str, original: Any) -> list[tuple[dict, Any]]:
+    """(namespace, key) of every module attribute, and every module-level dict value, of the imported
+    modules of ``package`` that is ``original`` itself."""
     prefix = package + "."
-    return [module for module_name, module in list(sys.modules.items())
-            if (module_name == package or module_name.startswith(prefix)) and module is not None
-            and getattr(module, name, None) is original]
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if not (module_name == package or module_name.startswith(prefix)):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if namespace is None:
+            continue
+        for key, value in list(namespace.items()):
+            if value is original:
+                found.append((namespace, key))
+            elif type(value) is dict:
+                found.extend((value, k) for k, v in list(value.items()) if v is original)
+    return found
