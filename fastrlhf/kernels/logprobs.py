@@ -1,7 +1,7 @@
 """Triton kernels of ``fastrlhf.logprobs``: one program per row, online softmax over vocab tiles.
 
-Forward, per row with ``z = x / T`` and a running max ``m``: each tile's max first, then its
-exponentials against the raised max, so the row is read once whatever V is:
+Forward, per row with ``z = x / T`` (fp32; fp64 for fp64 logits) and a running max ``m``: each tile's
+max first, then its exponentials against the raised max, so the row is read once whatever V is:
 ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``, ``lse = m + log s``, ``H = log s - u / s``.
 Raising the max to ``m'`` rescales both: ``s' = s f``, ``u' = f (u + (m - m') s)`` with ``f = e^(m - m')``.
 
@@ -26,6 +26,7 @@ FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 @triton.jit
 def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_ptr, lse_ptr, stride_row, V,
                             ignore_index, vocab_start, BLOCK_V: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
@@ -36,12 +37,12 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_p
         inv_t = tl.load(inv_temp_ptr + row)
         x_row = x_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
-        m = -float("inf")
-        s = 0.0
-        u = 0.0
+        m = tl.full([], -float("inf"), ACC)
+        s = tl.zeros([], ACC)
+        u = tl.zeros([], ACC)
         for start in range(0, V, BLOCK_V):
             inside = start + cols < V
-            z = tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_t
+            z = tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t
             m_new = tl.maximum(m, tl.max(z, axis=0))
             # Until a finite logit is seen, m_new is -inf and nothing is added (no -inf - -inf).
             if m_new > -float("inf"):
@@ -56,7 +57,7 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_p
                 m = m_new
         local = label - vocab_start
         owned = (local >= 0) & (local < V)
-        z_label = tl.load(x_row + local, mask=owned, other=0.0).to(tl.float32) * inv_t
+        z_label = tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t
         # Every logit -inf: no distribution, so log-probs -inf and entropy 0.
         seen = m > -float("inf")
         log_s = tl.log(s)
@@ -73,6 +74,7 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_p
 def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
                              grad_entropy_ptr, out_ptr, stride_row, stride_out, V, ignore_index, vocab_start,
                              HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
@@ -81,7 +83,7 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_p
     cols = tl.arange(0, BLOCK_V)
     if (label == ignore_index) | (lse == -float("inf")):
         for start in range(0, V, BLOCK_V):
-            zero = tl.zeros([BLOCK_V], tl.float32)
+            zero = tl.zeros([BLOCK_V], ACC)
             tl.store(out_row + start + cols, zero.to(out_ptr.dtype.element_ty), mask=start + cols < V)
     else:
         inv_t = tl.load(inv_temp_ptr + row)
@@ -97,7 +99,7 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_p
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             inside = idx < V
-            z = tl.load(x_row + idx, mask=inside, other=0.0).to(tl.float32) * inv_t
+            z = tl.load(x_row + idx, mask=inside, other=0.0).to(ACC) * inv_t
             d = tl.maximum(z - lse, -FLOAT_MAX)
             p = tl.exp(d)
             # p * (a + b d) would be 0 * inf at d = -FLOAT_MAX; p d is 0 there.

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastrlhf import backend, checks, reference
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.0, ignore_index: int = -100,
@@ -24,7 +24,8 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the entropy.
 
     Args:
-        logits: ``[..., V]`` fp32, bf16 or fp16, unit stride in the last dim (other strides are copied).
+        logits: ``[..., V]`` fp32, bf16, fp16 or fp64, unit stride in the last dim (other strides are
+            copied).
         labels: ``[...]`` int64 or int32, the leading shape of ``logits``; each in ``[0, V)`` (the full
             vocabulary when sharded) or ``ignore_index``.
         temperature: a positive float, or a tensor broadcastable to ``[...]`` (per sequence or token).
@@ -39,9 +40,10 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
             fp32 statistics combines the shards.
 
     Returns:
-        ``logp`` (fp32, ``[...]``), or ``(logp, entropy)``. ``logp`` is ``-inf`` where the label's logit
+        ``logp`` (``[...]``, fp32; fp64 for fp64 logits), or ``(logp, entropy)``. ``logp`` is ``-inf`` where the label's logit
         is ``-inf``; ``-inf`` logits elsewhere are fine (zero probability). Accumulation is fp32 over
-        vocab tiles (online max and sum), so a row's result does not depend on the other rows.
+        vocab tiles (online max and sum; fp64 for fp64 logits), so a row's result does not depend on the
+        other rows.
     """
     if backend.forced_backend() == "reference":
         if process_group is not None or inplace_backward:
@@ -64,7 +66,8 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
 
 
 def _canonical(logits, labels, temperature):
-    """Checks the arguments; returns ``[N, V]`` logits, ``[N]`` int64 labels and ``[N]`` fp32 1/T."""
+    """Checks the arguments; returns ``[N, V]`` logits, ``[N]`` int64 labels and ``[N]`` 1/T (in the
+    accumulation dtype: fp64 for fp64 logits, else fp32)."""
     checks.dtype("logits", logits, LOGIT_DTYPES)
     checks.dtype("labels", labels, checks.INTS)
     checks.device("labels", labels, logits.device)
@@ -76,6 +79,7 @@ def _canonical(logits, labels, temperature):
     if flat.stride(1) != 1:
         flat = flat.contiguous()
     rows = flat.shape[0]
+    acc = _acc_dtype(logits)
     if isinstance(temperature, Tensor):
         checks.device("temperature", temperature, logits.device)
         if not temperature.is_floating_point():
@@ -87,14 +91,18 @@ def _canonical(logits, labels, temperature):
                              f"got {tuple(temperature.shape)}") from None
         if not torch.compiler.is_compiling() and not bool((t > 0).all()):
             raise ValueError(f"temperature: expected positive values, got min {t.min().item()}")
-        inv_temp = t.reshape(-1).to(torch.float32).reciprocal()
+        inv_temp = t.reshape(-1).to(acc).reciprocal()
     else:
         if not float(temperature) > 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
         # A tensor filled on device, never a Python float argument: it cannot become fp64 under
         # Inductor, and a new value does not recompile.
-        inv_temp = torch.full((rows,), 1.0 / temperature, dtype=torch.float32, device=logits.device)
+        inv_temp = torch.full((rows,), 1.0 / temperature, dtype=acc, device=logits.device)
     return flat, labels.reshape(-1).to(torch.int64), inv_temp.contiguous()
+
+
+def _acc_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _check_labels(labels, ignore_index, vocab):
@@ -115,7 +123,7 @@ def _kernels(logits):
 
 def forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size):
     """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``."""
-    like = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     _kernels(logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size,
                                       logp, entropy, lse)
@@ -132,13 +140,13 @@ def backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
 @torch.library.custom_op("fastrlhf::logprobs_forward", mutates_args=())
 def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, ignore_index: int, vocab_start: int,
                      vocab_size: int, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``[N]`` fp32 log-probs, entropies and logsumexps (the last saved for the backward)."""
+    """``[N]`` log-probs, entropies and logsumexps (the last saved for the backward), fp32 (fp64 for fp64)."""
     return forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
 
 
 @logprobs_forward.register_fake
 def _(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace_backward):
-    like = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 

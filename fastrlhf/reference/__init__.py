@@ -2,5 +2,7 @@
 
 from fastrlhf.reference.gae import gae, masked_whiten
 from fastrlhf.reference.logprobs import logprobs, selective_logprobs
+from fastrlhf.reference.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 
-__all__ = ["gae", "logprobs", "masked_whiten", "selective_logprobs"]
+__all__ = ["dpo_loss", "gae", "logprobs", "masked_whiten", "pairwise_sigmoid_loss", "reward_model_loss",
+           "selective_logprobs"]

@@ -43,7 +43,7 @@ def exact(logits, labels, upstream=None, **kw):
 def fused(logits, labels, upstream, **kw):
     x = logits.clone().requires_grad_()
     logp, entropy = fastrlhf.logprobs(x, labels, return_entropy=True, **kw)
-    assert logp.dtype == entropy.dtype == torch.float32
+    assert logp.dtype == entropy.dtype == (F64 if logits.dtype == F64 else torch.float32)
     grad = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), x)[0]
     return logp.detach(), entropy.detach(), grad
 
@@ -215,12 +215,23 @@ def test_strided_logits(kernel_backend):
     assert_close_fp32(fused(logits, labels, up), exact(logits, labels, up))
 
 
-def test_gradients_float32_gradcheck(kernel_backend):
-    """Finite differences in float32 on a small, well-conditioned case (the kernels compute in fp32)."""
-    logits, labels = inputs(3, 7, seed=16, scale=1.0)
+def test_gradcheck_float64(kernel_backend):
+    """fp64 logits are computed in fp64 throughout: finite differences check both outputs' gradients."""
+    logits, labels = inputs(4, 7, dtype=F64, seed=16)
+    logits[0, 2] = -math.inf  # a masked token: zero probability, zero gradient
+    temperature = torch.tensor([0.8, 1.0, 1.7, 0.5], dtype=F64)
     x = logits.clone().requires_grad_()
-    torch.autograd.gradcheck(lambda x: fastrlhf.logprobs(x, labels, temperature=0.8, return_entropy=True), (x,),
-                             eps=1e-2, atol=5e-3, rtol=5e-3)
+    torch.autograd.gradcheck(lambda x: fastrlhf.logprobs(x, labels, temperature=temperature, return_entropy=True),
+                             (x,))
+
+
+def test_float64_matches_reference_to_float64_precision(kernel_backend):
+    logits, labels = inputs(5, 3001, dtype=F64, seed=21)
+    up = upstream_for(labels)
+    got = fused(logits, labels, (up[0].double(), up[1].double()))
+    for name, x, y in zip(("logp", "entropy", "grad"), got, exact(logits, labels, up)):
+        assert x.dtype == F64
+        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
 
 
 def test_opcheck(kernel_backend):
@@ -267,7 +278,7 @@ def test_property_random_shapes(rows, V, seed, temperature):
 
 
 BAD = [
-    ("logits", lambda x, y: fastrlhf.logprobs(x.double(), y), TypeError),
+    ("logits", lambda x, y: fastrlhf.logprobs(x.long(), y), TypeError),
     ("logits", lambda x, y: fastrlhf.logprobs(x[0, 0], y), ValueError),
     ("labels", lambda x, y: fastrlhf.logprobs(x, y.float()), TypeError),
     ("labels", lambda x, y: fastrlhf.logprobs(x, y[:-1]), ValueError),
