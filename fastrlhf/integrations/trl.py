@@ -4,12 +4,12 @@ Replaced in ``trl.trainer.utils`` (and in every TRL module that imported them):
 
 - ``selective_log_softmax(logits, index, temperature=1.0, row_mask=None)`` with one label per row:
   ``fastrlhf.logprobs`` with the temperature; rows where ``row_mask == 0`` give 0 and no gradient.
-  The top-K form (``index`` of shape ``(..., K)``) and fp64 logits go to TRL's own function.
+  The top-K form (``index`` of shape ``(..., K)``) goes to TRL's own function.
 - ``entropy_from_logits(logits, chunk_size=128)``: the entropy of ``fastrlhf.logprobs``.
 - ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
   row_mask=None)``: both from one pass.
 
-Results are fp32 whatever the logits' dtype: TRL's own Triton kernel (its path on CUDA) returns fp32
+Results are fp32 whatever the logits' dtype (fp64 for fp64 logits): TRL's own Triton kernel (its path on CUDA) returns fp32
 too; only its CPU fallback returns the logits' dtype. Used by TRL's experimental trainers (CPO, ORPO,
 SDPO, SDFT, A2PO, TPO) and by user code. Not replaced, because TRL 1.16 does not compute them in a
 separate function: GRPO, RLOO and DPO score tokens through ``add_fused_lm_head`` (TRL's own chunked
@@ -25,7 +25,7 @@ import torch
 
 import fastrlhf
 from fastrlhf.integrations._patch import Patched, require
-from fastrlhf.integrations._shared import LOGIT_DTYPES, entropy
+from fastrlhf.integrations._shared import entropy
 
 TESTED = ("1.16.",)
 MODULES = ("trl.trainer.utils",)
@@ -47,8 +47,7 @@ def replacements():
 
 
 def _covered(logits, index, row_mask) -> bool:
-    return (logits.dtype in LOGIT_DTYPES and index.shape == logits.shape[:-1]
-            and (row_mask is None or row_mask.shape == index.shape))
+    return index.shape == logits.shape[:-1] and (row_mask is None or row_mask.shape == index.shape)
 
 
 def _labels(index, row_mask):
@@ -69,8 +68,6 @@ def selective_log_softmax(original):
 def entropy_from_logits(original):
     @functools.wraps(original)
     def replacement(logits, chunk_size=128):
-        if logits.dtype not in LOGIT_DTYPES:
-            return original(logits, chunk_size)
         return entropy(logits)
     return replacement
 

@@ -8,10 +8,10 @@ Replaced (each where fastrlhf computes the same thing; other inputs go to verl's
 - ``verl.utils.torch_functional.masked_whiten``: ``fastrlhf.masked_whiten`` (mean, unbiased variance,
   ``rsqrt(var + 1e-8)``). The mask is read as 0/1, as verl's response masks are.
 - ``verl.utils.torch_functional.logprobs_from_logits(logits, labels, inplace_backward=True)``:
-  ``fastrlhf.logprobs``, fp32 log-probs, as verl's flash-attention path returns; ``inplace_backward``
+  ``fastrlhf.logprobs``, fp32 log-probs (fp64 for fp64 logits), as verl's flash-attention path returns; ``inplace_backward``
   is honoured as flash-attention does, except that fastrlhf moves the logits' version counter, so a
   later use of the overwritten logits raises instead of reading gradients.
-- ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32.
+- ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32 (fp64 for fp64).
 
 verl runs its workers in Ray processes: call ``patch()`` in each of them (before the workers build
 their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then), not only in the driver.
@@ -25,7 +25,7 @@ import torch
 
 import fastrlhf
 from fastrlhf.integrations._patch import Patched, require
-from fastrlhf.integrations._shared import LOGIT_DTYPES, entropy
+from fastrlhf.integrations._shared import entropy
 
 TESTED = ("0.9.",)
 MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos")
@@ -72,8 +72,6 @@ def masked_whiten(original):
 def logprobs_from_logits(original):
     @functools.wraps(original)
     def replacement(logits, labels, inplace_backward=True):
-        if logits.dtype not in LOGIT_DTYPES:
-            return original(logits, labels, inplace_backward)
         return fastrlhf.logprobs(logits, labels, inplace_backward=inplace_backward)
     return replacement
 
@@ -81,8 +79,6 @@ def logprobs_from_logits(original):
 def entropy_from_logits(original):
     @functools.wraps(original)
     def replacement(logits):
-        if logits.dtype not in LOGIT_DTYPES:
-            return original(logits)
         return entropy(logits)
     return replacement
 

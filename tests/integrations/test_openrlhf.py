@@ -14,7 +14,6 @@ import types
 import pytest
 import torch
 
-import fastrlhf
 from fastrlhf.integrations import openrlhf as integration
 
 pytest.importorskip("openrlhf", reason="openrlhf is not installed: pip install 'fastrlhf[integrations]'")
@@ -97,7 +96,6 @@ def test_gae(modules, matches_original, masked):
     matches_original(call, integration.patch, rollout(), grads=False)
 
 
-@pytest.mark.skipif(not hasattr(fastrlhf, "pairwise_sigmoid_loss"), reason="fastrlhf.pairwise_sigmoid_loss not merged")
 @pytest.mark.parametrize("loss", ["PairWiseLoss", "LogExpLoss"])
 @pytest.mark.parametrize("with_margin", [True, False])
 def test_pairwise_losses(modules, matches_original, loss, with_margin):
@@ -108,6 +106,14 @@ def test_pairwise_losses(modules, matches_original, loss, with_margin):
         matches_original(lambda c, r, m: module(c, r, m), integration.patch, (chosen, rejected, margin))
     else:
         matches_original(lambda c, r: module(c, r), integration.patch, (chosen, rejected))
+
+
+@pytest.mark.parametrize("ipo, label_smoothing", [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_dpo_loss(modules, matches_original, ipo, label_smoothing):
+    g = torch.Generator().manual_seed(5)
+    logps = [-50 * torch.rand(64, generator=g) for _ in range(4)]
+    module = modules.loss.DPOLoss(beta=0.1, label_smoothing=label_smoothing, ipo=ipo)
+    matches_original(lambda *x: module(*x), integration.patch, logps)
 
 
 def test_every_holder_is_rebound_and_restored(modules):
