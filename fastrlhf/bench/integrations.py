@@ -14,16 +14,31 @@ from fastrlhf.bench.gae import _inputs as rollout
 from fastrlhf.integrations._patch import require, resolve
 
 VOCAB = 32000
-PACKAGES = {
-    "verl": ("compute_gae_advantage_return", "logprobs_from_logits", "entropy_from_logits"),
-    "trl": ("selective_log_softmax", "entropy_from_logits"),
-    "openrlhf": ("get_advantages_and_returns", "log_probs_from_logits", "compute_entropy"),
+EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
+# target -> how the package's trainers call it, given the bench inputs of its kind
+BENCHED = {
+    "verl.trainer.ppo.core_algos:compute_gae_advantage_return": lambda fn: lambda r, v, m: fn(r, v, m, 1.0, 0.95),
+    "verl.utils.torch_functional:logprobs_from_logits": lambda fn: fn,
+    "verl.utils.torch_functional:entropy_from_logits": lambda fn: lambda logits, labels: fn(logits),
+    "trl.trainer.utils:selective_log_softmax": lambda fn: fn,
+    "trl.trainer.utils:entropy_from_logits": lambda fn: lambda logits, labels: fn(logits),
+    f"{EXPERIENCE}:RemoteExperienceMaker.get_advantages_and_returns":
+        lambda fn: lambda r, v, m: fn(None, v, r, m, 1.0, 0.95),
+    "openrlhf.models.utils:log_probs_from_logits": lambda fn: fn,
+    "openrlhf.models.utils:compute_entropy": lambda fn: lambda logits, labels: fn(logits),
 }
 
 
+def _rollout(B: int, T: int):
+    rewards, values, mask = rollout(B, T)
+    return rewards, values, mask.long()  # verl's masks are numbers: it computes 1 - mask
+
+
 def _logits(tokens: int, seed: int = 0):
+    """[B, T, V] logits as the trainers hold them (B = 4 sequences), and [B, T] labels."""
     g = torch.Generator().manual_seed(seed)
-    return 3 * torch.randn(tokens, VOCAB, generator=g), torch.randint(0, VOCAB, (tokens,), generator=g)
+    shape = (4, tokens // 4)
+    return 3 * torch.randn(*shape, VOCAB, generator=g), torch.randint(0, VOCAB, shape, generator=g)
 
 
 def _same(got, want):
@@ -31,39 +46,29 @@ def _same(got, want):
         torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-4)
 
 
-def _calls(name: str, fn):
-    """How the package's trainers call ``fn`` on the bench inputs."""
-    gae = lambda r, v, m: fn(r, v, m, 1.0, 0.95)  # noqa: E731
-    if name == "get_advantages_and_returns":
-        gae = lambda r, v, m: fn(None, v, r, m, 1.0, 0.95)  # noqa: E731
-    entropy = lambda logits, labels: fn(logits)  # noqa: E731
-    return {"compute_gae_advantage_return": gae, "get_advantages_and_returns": gae,
-            "entropy_from_logits": entropy, "compute_entropy": entropy}.get(name, fn)
-
-
 def cases(quick: bool) -> list[Case]:
     tokens, (B, T) = (512, (256, 256)) if quick else (2048, (256, 2048))
     out = []
-    for package, names in PACKAGES.items():
+    for package in ("verl", "trl", "openrlhf"):
         integration = importlib.import_module(f"fastrlhf.integrations.{package}")
         try:
             require(package, integration.MODULES, integration.TESTED)
             if package == "openrlhf":
-                require(package, (integration.EXPERIENCE,), integration.TESTED)
+                require(package, (EXPERIENCE,), integration.TESTED)
         except ImportError as err:
             warnings.warn(f"{package} is not benchmarked: {err.__cause__}", stacklevel=2)
             continue
         for target, factory in integration.replacements().items():
-            name = target.rsplit(".", 1)[-1].rsplit(":", 1)[-1]
-            if name not in names:
+            if target not in BENCHED:
                 continue
+            name = target.split(":")[1].split(".")[-1]
             original = resolve(target)[2]
-            fused, reference = _calls(name, factory(original)), _calls(name, original)
+            fused, reference = BENCHED[target](factory(original)), BENCHED[target](original)
             if "advantage" in name:
-                out.append(Case(f"{package} {name}", f"B={B} T={T} fp32", lambda: rollout(B, T), fused,
+                out.append(Case(f"{package} {name}", f"B={B} T={T} fp32", lambda: _rollout(B, T), fused,
                                 {package: reference}, GAE_BYTES_PER_ELEMENT * B * T, _same, x=T))
             else:
-                out.append(Case(f"{package} {name}", f"N={tokens} V={VOCAB} fp32", lambda: _logits(tokens), fused,
+                out.append(Case(f"{package} {name}", f"B=4 T={tokens // 4} V={VOCAB} fp32", lambda: _logits(tokens), fused,
                                 {package: reference}, tokens * (4 * VOCAB + 8 + 4), _same, x=tokens))
     return out
 

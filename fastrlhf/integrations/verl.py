@@ -53,10 +53,11 @@ def compute_gae_advantage_return(original):
         if (values.dtype != token_level_rewards.dtype or token_level_rewards.dim() != 2
                 or not all(_coefficient_ok(c, token_level_rewards) for c in (gamma, lam))):
             return original(token_level_rewards, values, response_mask, gamma, lam)
+        keep = response_mask if response_mask.dtype == torch.bool else response_mask != 0  # once, for both
         with torch.no_grad():
-            advantages, returns = fastrlhf.gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
+            advantages, returns = fastrlhf.gae(token_level_rewards, values, keep, gamma=gamma, lam=lam,
                                                mask_mode="skip")
-            return fastrlhf.masked_whiten(advantages, response_mask), returns
+            return fastrlhf.masked_whiten(advantages, keep), returns
     return replacement
 
 
