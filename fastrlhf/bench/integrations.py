@@ -68,7 +68,8 @@ def cases(quick: bool) -> list[Case]:
                 out.append(Case(f"{package} {name}", f"B={B} T={T} fp32", lambda: _rollout(B, T), fused,
                                 {package: reference}, GAE_BYTES_PER_ELEMENT * B * T, _same, x=T))
             else:
-                out.append(Case(f"{package} {name}", f"B=4 T={tokens // 4} V={VOCAB} fp32", lambda: _logits(tokens), fused,
+                out.append(Case(f"{package} {name}", f"B=4 T={tokens // 4} V={VOCAB} fp32", lambda: _logits(tokens),
+                                fused,
                                 {package: reference}, tokens * (4 * VOCAB + 8 + 4), _same, x=tokens))
     return out
 

@@ -8,6 +8,7 @@ import fastrlhf
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (fp32; fp64 for fp64 logits) of ``softmax(logits)`` over the last dim, in one pass (the labels are a dummy 0)."""
+    """Entropy of ``softmax(logits)`` over the last dim (fp32; fp64 for fp64 logits), in one pass; the
+    labels are a dummy 0."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     return fastrlhf.logprobs(logits, labels, return_entropy=True)[1]

@@ -3,8 +3,8 @@
 Replaced:
 
 - ``openrlhf.models.utils.log_probs_from_logits(logits, labels, temperature=1.0)``:
-  ``fastrlhf.logprobs``, fp32, fp64 for fp64 (the actor casts its logits to fp32 first, so this is OpenRLHF's dtype
-  there). Like the original, a temperature other than 1 divides ``logits`` in place first: callers
+  ``fastrlhf.logprobs``, fp32, fp64 for fp64 (the actor casts its logits to fp32 first, so this is
+  OpenRLHF's dtype there). Like the original, a temperature other than 1 divides ``logits`` in place first: callers
   may rely on the scaled logits afterwards.
 - ``openrlhf.models.utils.compute_entropy(logits)``: the entropy of ``fastrlhf.logprobs``, as above.
 - ``RemoteExperienceMaker.get_advantages_and_returns`` (``openrlhf.trainer.ppo_utils.experience_maker``):
@@ -106,9 +106,10 @@ def dpo_loss_forward(original):
     @functools.wraps(original)
     def replacement(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                     reference_rejected_logps):
+        loss_type, smoothing = ("ipo", 0.0) if self.ipo else ("sigmoid", self.label_smoothing)
         loss, _ = fastrlhf.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                    reference_rejected_logps, beta=self.beta, loss_type="ipo" if self.ipo else "sigmoid",
-                                    label_smoothing=0.0 if self.ipo else self.label_smoothing)
+                                    reference_rejected_logps, beta=self.beta, loss_type=loss_type,
+                                    label_smoothing=smoothing)
         chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
         rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
         return loss, chosen_rewards, rejected_rewards

@@ -9,10 +9,10 @@ Replaced in ``trl.trainer.utils`` (and in every TRL module that imported them):
 - ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
   row_mask=None)``: both from one pass.
 
-Results are fp32 whatever the logits' dtype (fp64 for fp64 logits): TRL's own Triton kernel (its path on CUDA) returns fp32
-too; only its CPU fallback returns the logits' dtype. Used by TRL's experimental trainers (CPO, ORPO,
-SDPO, SDFT, A2PO, TPO) and by user code. Not replaced, because TRL 1.16 does not compute them in a
-separate function: GRPO, RLOO and DPO score tokens through ``add_fused_lm_head`` (TRL's own chunked
+Results are fp32 whatever the logits' dtype (fp64 for fp64 logits): TRL's own Triton kernel (its path
+on CUDA) returns fp32 too; only its CPU fallback returns the logits' dtype. These functions serve TRL's
+experimental trainers (CPO, ORPO, SDPO, SDFT, A2PO, TPO) and user code. Not replaced, because TRL 1.16
+does not compute them in a separate function: GRPO, RLOO and DPO score tokens through ``add_fused_lm_head`` (TRL's own chunked
 linear log-prob, which never builds the logits), and the DPO and reward-model sigmoid losses are written
 inline in ``DPOTrainer._compute_loss`` and ``RewardTrainer.compute_loss``.
 """

@@ -8,8 +8,8 @@ Replaced (each where fastrlhf computes the same thing; other inputs go to verl's
 - ``verl.utils.torch_functional.masked_whiten``: ``fastrlhf.masked_whiten`` (mean, unbiased variance,
   ``rsqrt(var + 1e-8)``). The mask is read as 0/1, as verl's response masks are.
 - ``verl.utils.torch_functional.logprobs_from_logits(logits, labels, inplace_backward=True)``:
-  ``fastrlhf.logprobs``, fp32 log-probs (fp64 for fp64 logits), as verl's flash-attention path returns; ``inplace_backward``
-  is honoured as flash-attention does, except that fastrlhf moves the logits' version counter, so a
+  ``fastrlhf.logprobs``, fp32 log-probs (fp64 for fp64 logits), as verl's flash-attention path returns;
+  ``inplace_backward`` is honoured as flash-attention does, except that fastrlhf moves the logits' version counter, so a
   later use of the overwritten logits raises instead of reading gradients.
 - ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32 (fp64 for fp64).
 

@@ -69,7 +69,8 @@ def test_every_holder_is_rebound_and_restored():
                                                           "masked_whiten")}
     gae = core_algos.compute_gae_advantage_return
     with integration.patch() as handle:
-        assert naive_rollout.logprobs_from_logits is verl_F.logprobs_from_logits is not originals["logprobs_from_logits"]
+        replaced = verl_F.logprobs_from_logits
+        assert naive_rollout.logprobs_from_logits is replaced is not originals["logprobs_from_logits"]
         assert core_algos.get_adv_estimator_fn("gae") is core_algos.compute_gae_advantage_return is not gae
         assert core_algos.compute_gae_advantage_return.__name__ == "compute_gae_advantage_return"
         assert len(handle.replaced) == 4
