@@ -67,8 +67,7 @@ class Patched:
                 for namespace, key in _references(package, original):
                     self._rebind(namespace, key, original, replacement)
             else:
-                self._undo.append(lambda owner=owner, name=name, original=original: setattr(owner, name, original))
-                setattr(owner, name, replacement)
+                self._rebind_class(owner, name, replacement)
         self.replaced = tuple(replacements)
 
     def _rebind(self, namespace: dict, key: Any, original: Any, replacement: Any) -> None:
@@ -77,6 +76,21 @@ class Patched:
 
         self._undo.append(undo)
         namespace[key] = replacement
+
+    def _rebind_class(self, owner: type, name: str, replacement: Any) -> None:
+        # The class's own entry (a staticmethod or classmethod descriptor, or nothing when inherited) is
+        # what goes back, not the bound method that getattr returned.
+        missing = object()
+        raw = vars(owner).get(name, missing)
+
+        def undo():
+            if raw is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, raw)
+
+        self._undo.append(undo)
+        setattr(owner, name, replacement)
 
     def unpatch(self) -> None:
         """Restores every rebinding, newest first (idempotent)."""

@@ -18,6 +18,13 @@ PACKAGE = {
         class Loss:
             def forward(self, x):
                 return x * 2
+
+            @classmethod
+            def make(cls):
+                return cls()
+
+        class Derived(Loss):
+            pass
         """,
     "registry.py": """
         from fakepkg.core import f
@@ -60,14 +67,17 @@ def triple(original):
 def test_every_reference_is_rebound_and_restored(fakepkg):
     core, registry, user = fakepkg["core"], fakepkg["registry"], fakepkg["user"]
     original, method = core.f, core.Loss.forward
-    handle = Patched("fakepkg", {"fakepkg.core:f": plus_ten, "fakepkg.core:Loss.forward": triple})
+    make = core.Loss.__dict__["make"]
+    handle = Patched("fakepkg", {"fakepkg.core:f": plus_ten, "fakepkg.core:Loss.forward": triple,
+                                 "fakepkg.core:Derived.make": lambda original: lambda: "made"})
     assert core.f(1) == 12 and registry.f(1) == 12 and user.renamed(1) == 12
     assert registry.REGISTRY["f"] is core.f and registry.REGISTRY["other"] is len
-    assert core.Loss().forward(2) == 6
+    assert core.Loss().forward(2) == 6 and core.Derived.make() == "made" and isinstance(core.Loss.make(), core.Loss)
     assert importlib.import_module("fakepkg.later").f is core.f  # imported after patching
     handle.unpatch()
     assert core.f is original and registry.f is original and user.renamed is original
     assert registry.REGISTRY["f"] is original and core.Loss.forward is method
+    assert "make" not in vars(core.Derived) and core.Loss.__dict__["make"] is make  # inherited again
     handle.unpatch()  # idempotent
     assert core.f is original
 
