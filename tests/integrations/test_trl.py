@@ -62,3 +62,53 @@ def test_every_holder_is_rebound_and_restored():
         assert handle.replaced and "active" in repr(handle)
     assert cpo_trainer.selective_log_softmax is originals["selective_log_softmax"]
     assert all(getattr(trl_utils, name) is original for name, original in originals.items())
+
+
+def tiny_llama(**head):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    trl_utils.add_fused_lm_head(model, **head)
+    return model
+
+
+def fused_head_outputs(model, names):
+    """The fused head's outputs on a right-padded batch, and every parameter's gradient under them."""
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 301, (3, 12), generator=g)
+    attention_mask = (torch.arange(12) < torch.tensor([[12], [9], [5]])).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    model.zero_grad()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    values = [getattr(out, name) for name in names]
+    differentiable = [v for v in values if v.requires_grad]  # TRL's metrics outputs have no gradient
+    if differentiable:
+        sum((v * torch.randn(v.shape, generator=g)).sum() for v in differentiable).backward()
+    return [v.detach() for v in values], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_fused_lm_head(outputs):
+    model = tiny_llama(temperature=0.7, outputs=outputs)
+    before = fused_head_outputs(model, outputs)
+    with integration.patch():
+        after = fused_head_outputs(model, outputs)
+    for got, want in zip(after[0], before[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in after[1].items():
+        torch.testing.assert_close(grad, before[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lm_head_uses_linear_logprobs_only_where_it_covers(monkeypatch):
+    import fastrlhf
+
+    calls = []
+    real = fastrlhf.linear_logprobs
+    monkeypatch.setattr(fastrlhf, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with integration.patch():
+        fused_head_outputs(tiny_llama(outputs=("log_probs", "entropy")), ("log_probs",))
+        assert calls == [1]
+        mean_logits, _ = fused_head_outputs(tiny_llama(outputs=("log_probs", "mean_logits")), ("mean_logits",))
+        assert calls == [1] and mean_logits[0].abs().sum() > 0  # TRL's kernel gave what fastrlhf does not
