@@ -14,6 +14,7 @@ from fastrlhf.bench.gae import _inputs as rollout
 from fastrlhf.integrations._patch import require, resolve
 
 VOCAB = 32000
+HIDDEN = 1024
 EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 # target -> how the package's trainers call it, given the bench inputs of its kind
 BENCHED = {
@@ -22,6 +23,9 @@ BENCHED = {
     "verl.utils.torch_functional:entropy_from_logits": lambda fn: lambda logits, labels: fn(logits),
     "trl.trainer.utils:selective_log_softmax": lambda fn: fn,
     "trl.trainer.utils:entropy_from_logits": lambda fn: lambda logits, labels: fn(logits),
+    "trl.kernels.chunked_logprob:ChunkedLogProbFunction.apply":  # as GRPO calls it, on its CPU (uncompacted) path
+        lambda fn: lambda hidden, weight, labels: fn(hidden, weight, None, labels, 1.0, 32768, None, 1.0,
+                                                     ("log_probs", "entropy"))[:2],
     f"{EXPERIENCE}:RemoteExperienceMaker.get_advantages_and_returns":
         lambda fn: lambda r, v, m: fn(None, v, r, m, 1.0, 0.95),
     "openrlhf.models.utils:log_probs_from_logits": lambda fn: fn,
@@ -39,6 +43,13 @@ def _logits(tokens: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = (4, tokens // 4)
     return 3 * torch.randn(*shape, VOCAB, generator=g), torch.randint(0, VOCAB, shape, generator=g)
+
+
+def _hidden(tokens: int, seed: int = 0):
+    """[tokens, H] last hidden states, a [V, H] head and [tokens] labels."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, HIDDEN, generator=g), torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5,
+            torch.randint(0, VOCAB, (tokens,), generator=g))
 
 
 def _same(got, want):
@@ -67,6 +78,10 @@ def cases(quick: bool) -> list[Case]:
             if "advantage" in name:
                 out.append(Case(f"{package} {name}", f"B={B} T={T} fp32", lambda: _rollout(B, T), fused,
                                 {package: reference}, GAE_BYTES_PER_ELEMENT * B * T, _same, x=T))
+            elif name == "apply":
+                out.append(Case(f"{package} ChunkedLogProbFunction", f"N={tokens} H={HIDDEN} V={VOCAB} fp32",
+                                lambda: _hidden(tokens), fused, {package: reference},
+                                4 * (tokens * HIDDEN + VOCAB * HIDDEN) + tokens * (8 + 8), _same, x=tokens))
             else:
                 out.append(Case(f"{package} {name}", f"B=4 T={tokens // 4} V={VOCAB} fp32", lambda: _logits(tokens),
                                 fused,
