@@ -16,6 +16,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small grid, under a minute on 2 CPU cores")
     bench.add_argument("--json", metavar="PATH", help="write the numbers here, and a speed-up plot beside it (.png)")
     bench.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
+    bench.add_argument("--integrations", action="store_true",
+                       help="instead, each function that fastrlhf.integrations patches against the package's own")
 
     verify = commands.add_parser("verify", help="check every op on every backend against float64 references")
     verify.add_argument("--interpret", action="store_true",
