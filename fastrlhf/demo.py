@@ -148,8 +148,8 @@ def evaluate_policy(trainer: PPOTrainer, prompts: torch.Tensor, seed: int) -> tu
     responses, mask = generate(trainer.policy, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=EOS, pad_id=PAD,
                                temperature=cfg.temperature, generator=torch.Generator().manual_seed(seed))
     ids = torch.cat([prompts, responses], 1)
-    logp = trainer._logprobs(trainer.policy, ids, mask, PROMPT_LEN)
-    ref_logp = trainer._logprobs(trainer.ref_policy, ids, mask, PROMPT_LEN)
+    logp = trainer.response_logprobs(trainer.policy, ids, mask, PROMPT_LEN)
+    ref_logp = trainer.response_logprobs(trainer.ref_policy, ids, mask, PROMPT_LEN)
     return hidden_score(prompts, responses).mean().item(), (logp - ref_logp).sum(1).mean().item()
 
 

@@ -257,8 +257,8 @@ class PPOTrainer:
     def _experience(self, prompts: Tensor, responses: Tensor, mask: Tensor) -> tuple[Experience, dict]:
         cfg, P = self.cfg, prompts.shape[1]
         ids = torch.cat([prompts, responses], dim=1)
-        old_logp = self._logprobs(self.policy, ids, mask, P)
-        ref_logp = self._logprobs(self.ref_policy, ids, mask, P)
+        old_logp = self.response_logprobs(self.policy, ids, mask, P)
+        ref_logp = self.response_logprobs(self.ref_policy, ids, mask, P)
         values = self.critic(ids)[:, P - 1:-1]
         last = mask.sum(1) - 1  # the EOS, or the last token of a response cut at max_new_tokens
         raw_scores = self.reward_model(ids).gather(1, (P + last)[:, None])[:, 0]
@@ -324,7 +324,7 @@ class PPOTrainer:
         cfg, P = self.cfg, exp.ids.shape[1] - exp.mask.shape[1]
         ids, mask = exp.ids[rows], exp.mask[rows]
         old_logp, advantages = exp.old_logp[rows], exp.advantages[rows]
-        logp, entropy = self._logprobs(self.policy_train, ids, mask, P, entropy=True)
+        logp, entropy = self.response_logprobs(self.policy_train, ids, mask, P, entropy=True)
         values = self.critic_train(ids)[:, P - 1:-1]
         pg = policy_loss(logp, old_logp, advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
         vf, vf_clipped = value_loss(values, exp.values[rows], exp.returns[rows], cfg.value_clip)
@@ -350,7 +350,7 @@ class PPOTrainer:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _logprobs(self, model, ids: Tensor, mask: Tensor, P: int, entropy: bool = False):
+    def response_logprobs(self, model, ids: Tensor, mask: Tensor, P: int, entropy: bool = False):
         """Log-probs (and entropies) of the response tokens ``ids[:, P:]``, 0 at padding."""
         hidden = model(ids)[:, P - 1:-1]
         labels = ids[:, P:].masked_fill(~mask, IGNORE)
