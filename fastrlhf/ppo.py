@@ -351,7 +351,9 @@ class PPOTrainer:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def response_logprobs(self, model, ids: Tensor, mask: Tensor, P: int, entropy: bool = False):
-        """Log-probs (and entropies) of the response tokens ``ids[:, P:]``, 0 at padding."""
+        """``[B, R]`` fp32 log-probs (and entropies) of the response tokens ``ids[:, P:]`` under ``model``
+        (the policy, the reference, or a DDP wrapper of either) at the sampling temperature; 0 where
+        ``mask`` (``[B, R]`` bool) is false."""
         hidden = model(ids)[:, P - 1:-1]
         labels = ids[:, P:].masked_fill(~mask, IGNORE)
         weight = getattr(model, "module", model).output_weight
