@@ -3,28 +3,19 @@
 
 from __future__ import annotations
 
-import importlib
-
-from fastrlhf import checks
+import fastrlhf
+from fastrlhf import checks, reference
 
 IMPLS = ("fused", "reference")
 NAMES = ("gae", "masked_whiten", "linear_logprobs", "reward_model_loss")
 
 
 class Ops:
-    """``Ops(impl).gae``, ``.masked_whiten``, ``.linear_logprobs``, ``.reward_model_loss``.
-
-    Each op is looked up when first used, so a trainer that never calls one does not need it.
-    """
+    """``Ops(impl).gae``, ``.masked_whiten``, ``.linear_logprobs``, ``.reward_model_loss``."""
 
     def __init__(self, impl: str):
         checks.one_of("impl", impl, IMPLS)
         self.impl = impl
-
-    def __getattr__(self, name: str):
-        if name not in NAMES:
-            raise AttributeError(name)
-        module = importlib.import_module("fastrlhf" if self.impl == "fused" else "fastrlhf.reference")
-        op = getattr(module, name)
-        setattr(self, name, op)
-        return op
+        source = fastrlhf if impl == "fused" else reference
+        for name in NAMES:
+            setattr(self, name, getattr(source, name))
