@@ -96,7 +96,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(args) -> int:
     console = Console(width=160)
-    rows = run(args.quick, tuple(args.ops) if args.ops else OPS, console)
+    ops = ("integrations",) if args.integrations else tuple(args.ops) if args.ops else OPS
+    rows = run(args.quick, ops, console)
     console.print(table(rows))
     if args.json:
         path = Path(args.json)

@@ -23,3 +23,8 @@ def test_error_beyond_twice_torch_error_fails():
     assert err > bound
     err, bound = error_and_bound(torch_f32, exact, torch_f32)
     assert err <= bound
+
+
+def test_linear_logprobs_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("linear_logprobs",))
+    assert ok and table.row_count >= 45

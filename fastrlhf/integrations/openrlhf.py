@@ -1,0 +1,116 @@
+"""``fastrlhf.integrations.openrlhf.patch()``: OpenRLHF's log-prob, entropy, GAE and pairwise losses.
+
+Replaced:
+
+- ``openrlhf.models.utils.log_probs_from_logits(logits, labels, temperature=1.0)``:
+  ``fastrlhf.logprobs``, fp32, fp64 for fp64 (the actor casts its logits to fp32 first, so this is
+  OpenRLHF's dtype there). Like the original, a temperature other than 1 divides ``logits`` in place first: callers
+  may rely on the scaled logits afterwards.
+- ``openrlhf.models.utils.compute_entropy(logits)``: the entropy of ``fastrlhf.logprobs``, as above.
+- ``RemoteExperienceMaker.get_advantages_and_returns`` (``openrlhf.trainer.ppo_utils.experience_maker``):
+  ``fastrlhf.gae(mask_mode="zero")``, OpenRLHF's convention (masked rewards and values read as 0, every
+  token a step, returns ``A + mask * V``). That module imports vLLM; without it this one is skipped,
+  with a warning.
+- ``PairWiseLoss.forward`` and ``LogExpLoss.forward`` (``openrlhf.models.loss``):
+  ``fastrlhf.pairwise_sigmoid_loss`` (mean of ``-logsigmoid(c - r - margin)``; ``LogExpLoss``'s
+  ``log(1 + exp(r - c))`` is the same softplus without a margin, which it ignores), finite for any gap
+  where the original overflows above ~88. The loss is fp32 (fp64 for fp64 rewards).
+- ``DPOLoss.forward``: ``fastrlhf.dpo_loss`` (``sigmoid`` with label smoothing, or ``ipo``, where
+  OpenRLHF ignores the smoothing); the per-pair implicit rewards are returned as before.
+
+``openrlhf.models`` imports flash-attn, DeepSpeed and PEFT, so ``patch()`` needs those installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+import fastrlhf
+from fastrlhf.integrations._patch import Patched, require
+from fastrlhf.integrations._shared import entropy
+
+TESTED = ("0.11.",)
+MODULES = ("openrlhf.models.utils", "openrlhf.models.loss")
+EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
+FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def patch() -> Patched:
+    """Replaces OpenRLHF's functions listed in this module's docstring; returns the handle that restores them."""
+    require("openrlhf", MODULES, TESTED)
+    targets = replacements()
+    try:
+        require("openrlhf", (EXPERIENCE,), TESTED)
+    except ImportError as err:
+        warnings.warn(f"OpenRLHF's GAE is not replaced: {err.__cause__}", stacklevel=2)
+        targets = {k: v for k, v in targets.items() if not k.startswith(EXPERIENCE)}
+    return Patched("openrlhf", targets)
+
+
+def replacements():
+    return {
+        "openrlhf.models.utils:log_probs_from_logits": log_probs_from_logits,
+        "openrlhf.models.utils:compute_entropy": compute_entropy,
+        f"{EXPERIENCE}:RemoteExperienceMaker.get_advantages_and_returns": get_advantages_and_returns,
+        "openrlhf.models.loss:PairWiseLoss.forward": pairwise_loss_forward,
+        "openrlhf.models.loss:LogExpLoss.forward": log_exp_loss_forward,
+        "openrlhf.models.loss:DPOLoss.forward": dpo_loss_forward,
+    }
+
+
+def log_probs_from_logits(original):
+    @functools.wraps(original)
+    def replacement(logits, labels, temperature=1.0):
+        if temperature != 1.0:
+            logits.div_(temperature)
+        return fastrlhf.logprobs(logits, labels)
+    return replacement
+
+
+def compute_entropy(original):
+    @functools.wraps(original)
+    def replacement(logits):
+        return entropy(logits)
+    return replacement
+
+
+def get_advantages_and_returns(original):
+    @functools.wraps(original)
+    def replacement(self, values, rewards, action_mask, gamma, lambd):
+        if (rewards.dim() != 2 or values.dtype != rewards.dtype or rewards.dtype not in FLOATS
+                or not (0 <= gamma <= 1 and 0 <= lambd <= 1)):
+            return original(self, values, rewards, action_mask, gamma, lambd)
+        with torch.no_grad():
+            return fastrlhf.gae(rewards, values, action_mask, gamma=gamma, lam=lambd, mask_mode="zero")
+    return replacement
+
+
+def pairwise_loss_forward(original):
+    @functools.wraps(original)
+    def replacement(self, chosen_reward, reject_reward, margin=None):
+        return fastrlhf.pairwise_sigmoid_loss(chosen_reward, reject_reward, margin=margin)
+    return replacement
+
+
+def log_exp_loss_forward(original):
+    @functools.wraps(original)
+    def replacement(self, chosen_reward, reject_reward, margin=None):
+        return fastrlhf.pairwise_sigmoid_loss(chosen_reward, reject_reward)
+    return replacement
+
+
+def dpo_loss_forward(original):
+    @functools.wraps(original)
+    def replacement(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                    reference_rejected_logps):
+        loss_type, smoothing = ("ipo", 0.0) if self.ipo else ("sigmoid", self.label_smoothing)
+        loss, _ = fastrlhf.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                    reference_rejected_logps, beta=self.beta, loss_type=loss_type,
+                                    label_smoothing=smoothing)
+        chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
+        rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
+        return loss, chosen_rewards, rejected_rewards
+    return replacement

@@ -1,0 +1,110 @@
+"""``fastrlhf.integrations.trl.patch()``: TRL's per-token log-prob and entropy helpers on fastrlhf.
+
+Replaced in ``trl.trainer.utils`` (and in every TRL module that imported them):
+
+- ``selective_log_softmax(logits, index, temperature=1.0, row_mask=None)`` with one label per row:
+  ``fastrlhf.logprobs`` with the temperature; rows where ``row_mask == 0`` give 0 and no gradient.
+  The top-K form (``index`` of shape ``(..., K)``) goes to TRL's own function.
+- ``entropy_from_logits(logits, chunk_size=128)``: the entropy of ``fastrlhf.logprobs``.
+- ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
+  row_mask=None)``: both from one pass.
+- ``trl.kernels.ChunkedLogProbFunction.apply``, the projection behind ``add_fused_lm_head`` (how GRPO,
+  RLOO and DPO score tokens without the logits): ``fastrlhf.linear_logprobs`` when only log-probs and
+  entropies are asked for (GRPO's policy and reference models, DPO's reference model), the logits are
+  neither soft-capped nor scaled, and hidden states, weight and bias share the compute dtype (under
+  autocast, its dtype); otherwise (DPO's policy also wants ``mean_logits`` and ``is_top1``, or
+  ``cast_lm_head_to_fp32`` with a bf16 head) TRL's own kernel runs.
+
+Results are fp32 whatever the logits' dtype (fp64 for fp64 logits): TRL's own Triton kernel (its path
+on CUDA) returns fp32 too; only its CPU fallback returns the logits' dtype. These functions serve TRL's
+experimental trainers (CPO, ORPO, SDPO, SDFT, A2PO, TPO) and user code. Not replaced, because TRL 1.16
+does not compute them in a separate function: the DPO and reward-model sigmoid losses, written inline
+in ``DPOTrainer._compute_loss`` and ``RewardTrainer.compute_loss``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import fastrlhf
+from fastrlhf.integrations._patch import Patched, require
+from fastrlhf.integrations._shared import entropy
+
+TESTED = ("1.16.",)
+MODULES = ("trl.trainer.utils", "trl.kernels.chunked_logprob")
+FUSED_HEAD_OUTPUTS = {"log_probs", "entropy"}  # of ChunkedLogProbFunction's outputs, those linear_logprobs gives
+MASKED = -100
+
+
+def patch() -> Patched:
+    """Replaces TRL's functions listed in this module's docstring; returns the handle that restores them."""
+    require("trl", MODULES, TESTED)
+    return Patched("trl", replacements())
+
+
+def replacements():
+    return {
+        "trl.trainer.utils:selective_log_softmax": selective_log_softmax,
+        "trl.trainer.utils:entropy_from_logits": entropy_from_logits,
+        "trl.trainer.utils:selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+        "trl.kernels.chunked_logprob:ChunkedLogProbFunction.apply": chunked_logprob_apply,
+    }
+
+
+def _covered(logits, index, row_mask) -> bool:
+    return index.shape == logits.shape[:-1] and (row_mask is None or row_mask.shape == index.shape)
+
+
+def _labels(index, row_mask):
+    return index if row_mask is None else index.masked_fill(row_mask == 0, MASKED)
+
+
+def selective_log_softmax(original):
+    @functools.wraps(original)
+    def replacement(logits, index, temperature=1.0, row_mask=None):
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not _covered(logits, index, row_mask):
+            return original(logits, index, temperature, row_mask)
+        return fastrlhf.logprobs(logits, _labels(index, row_mask), temperature=temperature, ignore_index=MASKED)
+    return replacement
+
+
+def entropy_from_logits(original):
+    @functools.wraps(original)
+    def replacement(logits, chunk_size=128):
+        return entropy(logits)
+    return replacement
+
+
+def selective_log_softmax_and_entropy(original):
+    @functools.wraps(original)
+    def replacement(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not _covered(logits, index, row_mask):
+            return original(logits, index, entropy_requires_grad, temperature, row_mask)
+        logp, ent = fastrlhf.logprobs(logits, _labels(index, row_mask), temperature=temperature,
+                                      ignore_index=MASKED, return_entropy=True)
+        return logp, ent if entropy_requires_grad else ent.detach()
+    return replacement
+
+
+def chunked_logprob_apply(original):
+    @functools.wraps(original)
+    def replacement(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                    logit_scale=1.0, outputs=("log_probs",)):
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        if (not set(outputs) <= FUSED_HEAD_OUTPUTS or final_logit_softcapping is not None or logit_scale != 1.0
+                or not hidden.dtype == weight.dtype == compute or (bias is not None and bias.dtype != compute)):
+            return original(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                            logit_scale, outputs)
+        with torch.autocast(device, enabled=False):
+            out = fastrlhf.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                           return_entropy="entropy" in outputs)
+        logp, ent = out if isinstance(out, tuple) else (out, None)
+        return logp, ent, None, None, None
+    return replacement

@@ -1,0 +1,98 @@
+"""``fastrlhf.integrations.verl.patch()``: verl's GAE, whitening, log-prob and entropy helpers on fastrlhf.
+
+Replaced (each where fastrlhf computes the same thing; other inputs go to verl's own function):
+
+- ``verl.trainer.ppo.core_algos.compute_gae_advantage_return`` (also in ``ADV_ESTIMATOR_REGISTRY["gae"]``):
+  ``fastrlhf.gae(mask_mode="skip")``, which is verl's loop (masked tokens carry the next value and the
+  advantage over them), then ``fastrlhf.masked_whiten``; returns are ``A + V`` before whitening, as in verl.
+- ``verl.utils.torch_functional.masked_whiten``: ``fastrlhf.masked_whiten`` (mean, unbiased variance,
+  ``rsqrt(var + 1e-8)``). The mask is read as 0/1, as verl's response masks are.
+- ``verl.utils.torch_functional.logprobs_from_logits(logits, labels, inplace_backward=True)``:
+  ``fastrlhf.logprobs``, fp32 log-probs (fp64 for fp64 logits), as verl's flash-attention path returns;
+  ``inplace_backward`` is honoured as flash-attention does, except that fastrlhf moves the logits' version counter, so a
+  later use of the overwritten logits raises instead of reading gradients.
+- ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32 (fp64 for fp64).
+
+verl runs its workers in Ray processes: call ``patch()`` in each of them (before the workers build
+their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then), not only in the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import fastrlhf
+from fastrlhf.integrations._patch import Patched, require
+from fastrlhf.integrations._shared import entropy
+
+TESTED = ("0.9.",)
+MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos")
+
+
+def patch() -> Patched:
+    """Replaces verl's functions listed in this module's docstring; returns the handle that restores them."""
+    require("verl", MODULES, TESTED)
+    return Patched("verl", replacements())
+
+
+def replacements():
+    return {
+        "verl.trainer.ppo.core_algos:compute_gae_advantage_return": compute_gae_advantage_return,
+        "verl.utils.torch_functional:masked_whiten": masked_whiten,
+        "verl.utils.torch_functional:logprobs_from_logits": logprobs_from_logits,
+        "verl.utils.torch_functional:entropy_from_logits": entropy_from_logits,
+    }
+
+
+def compute_gae_advantage_return(original):
+    @functools.wraps(original)
+    def replacement(token_level_rewards, values, response_mask, gamma, lam):
+        gamma, lam = _scalar(gamma), _scalar(lam)
+        if (values.dtype != token_level_rewards.dtype or token_level_rewards.dim() != 2
+                or not all(_coefficient_ok(c, token_level_rewards) for c in (gamma, lam))):
+            return original(token_level_rewards, values, response_mask, gamma, lam)
+        keep = response_mask if response_mask.dtype == torch.bool else response_mask != 0  # once, for both
+        with torch.no_grad():
+            advantages, returns = fastrlhf.gae(token_level_rewards, values, keep, gamma=gamma, lam=lam,
+                                               mask_mode="skip")
+            return fastrlhf.masked_whiten(advantages, keep), returns
+    return replacement
+
+
+def masked_whiten(original):
+    @functools.wraps(original)
+    def replacement(values, mask, shift_mean=True):
+        if not values.is_floating_point() or mask.shape != values.shape:
+            return original(values, mask, shift_mean)
+        return fastrlhf.masked_whiten(values, mask, shift_mean=shift_mean)
+    return replacement
+
+
+def logprobs_from_logits(original):
+    @functools.wraps(original)
+    def replacement(logits, labels, inplace_backward=True):
+        return fastrlhf.logprobs(logits, labels, inplace_backward=inplace_backward)
+    return replacement
+
+
+def entropy_from_logits(original):
+    @functools.wraps(original)
+    def replacement(logits):
+        return entropy(logits)
+    return replacement
+
+
+def _scalar(coefficient):
+    """verl passes floats, or sometimes one-element tensors."""
+    if isinstance(coefficient, torch.Tensor) and coefficient.numel() == 1:
+        return coefficient.item()
+    return coefficient
+
+
+def _coefficient_ok(coefficient, rewards) -> bool:
+    """A float, or one value per row ([B] tensor), in [0, 1] as fastrlhf.gae requires."""
+    if isinstance(coefficient, torch.Tensor):
+        return coefficient.shape == rewards.shape[:1] and bool(((coefficient >= 0) & (coefficient <= 1)).all())
+    return 0.0 <= float(coefficient) <= 1.0

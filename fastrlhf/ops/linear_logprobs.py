@@ -1,0 +1,209 @@
+"""``fastrlhf.linear_logprobs``: log-probs and entropies straight from hidden states, a chunk of tokens at a time.
+
+Registered as ``fastrlhf::linear_logprobs_forward`` / ``fastrlhf::linear_logprobs_backward`` with fake
+implementations and autograd, so it runs under ``torch.compile(fullgraph=True)``. Each chunk's logits come
+from a torch matmul (the CPU BLAS or cuBLAS) into one reused ``[chunk, V]`` buffer and go through the
+log-prob kernels of ``fastrlhf.logprobs`` (C++ on CPU, Triton on CUDA); only per-token statistics survive
+a chunk. The backward recomputes the logits a vocab slice ``[N, width]`` at a time, turns them into
+their gradient in place and multiplies it out into the gradients of hidden, weight and bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastrlhf import backend, checks, reference
+from fastrlhf.ops.logprobs import LOGIT_DTYPES, _acc_dtype, _canonical, _check_labels, backward_into, forward_local
+
+# chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
+# holds nothing else, and its token chunks get slow when small (each chunk's matmul streams all of the
+# weight: 4096 x 1024 x 32000 fp32 took 13.4 s at 64 tokens, 5.7 s at 2048 on this 2-core machine under
+# other jobs' load), so it takes FORWARD_BUDGET, but no more logits than the weight has entries (at most
+# H tokens), which the backward's gradient needs anyway. The backward's buffer comes on top of the
+# weight's gradient, and its vocab slices cost nothing when narrow (19.8 s at 500 and at 16000 columns),
+# so it takes BACKWARD_BUDGET, but no more logits than the hidden states have (at most H columns).
+FORWARD_BUDGET = 128 << 20
+BACKWARD_BUDGET = 8 << 20
+MIN_CHUNK = 32      # tokens per forward chunk
+MIN_SLICE = 128     # vocab columns per backward slice
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                    temperature: float | Tensor = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                    chunk_size: Optional[int] = None):
+    """``fastrlhf.logprobs(hidden @ weight.T + bias, labels, ...)`` without ever holding all the logits.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16, fp16 or fp64 (the last hidden states).
+        weight: ``[V, H]``, hidden's dtype and device (the lm_head as ``nn.Linear`` stores it; it may be
+            tied to the input embedding).
+        labels: ``[...]`` int64 or int32, hidden's leading shape; each in ``[0, V)`` or ``ignore_index``.
+        bias: ``[V]`` or None, hidden's dtype.
+        temperature, ignore_index, return_entropy: as in ``fastrlhf.logprobs``.
+        chunk_size: tokens per forward chunk; the backward then takes vocab slices of the same size
+            (``chunk_size * V`` logits). None sizes both from FORWARD_BUDGET and BACKWARD_BUDGET
+            (``chunking``). Results do not depend on it beyond rounding.
+
+    Returns:
+        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``. The logits are computed in
+        hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
+        Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64).
+        Peak memory is one chunk's logits plus the gradients themselves.
+    """
+    if backend.forced_backend() == "reference":
+        return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy)
+    _check_parameters(hidden, weight, bias)
+    # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
+    flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
+    vocab = weight.shape[0]
+    _check_labels(flat_labels, ignore_index, vocab)
+    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])
+    logp, entropy, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
+                                                                   ignore_index, chunk, width)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def chunking(chunk_size: Optional[int], tokens: int, vocab: int, hidden: int) -> tuple[int, int]:
+    """(tokens per forward chunk, vocab columns per backward slice), each at least 1.
+
+    None: ``clamp(min(FORWARD_BUDGET / (4 V), H), MIN_CHUNK, tokens)`` tokens and
+    ``clamp(min(BACKWARD_BUDGET / (4 tokens), H), MIN_SLICE, V)`` columns. A given ``chunk_size``: that
+    many tokens (at most all), and slices of as many logits, ``chunk_size * V / tokens`` columns.
+    """
+    if chunk_size is None:
+        return (max(1, min(tokens, max(MIN_CHUNK, min(FORWARD_BUDGET // (4 * vocab), hidden)))),
+                min(vocab, max(MIN_SLICE, min(BACKWARD_BUDGET // (4 * max(tokens, 1)), hidden))))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive number of tokens, got {chunk_size}")
+    chunk = min(chunk_size, max(tokens, 1))
+    return chunk, min(vocab, max(1, chunk * vocab // max(tokens, 1)))
+
+
+def _check_parameters(hidden, weight, bias):
+    checks.dtype("hidden", hidden, LOGIT_DTYPES)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    checks.dtype("weight", weight, (hidden.dtype,))
+    checks.device("weight", weight, hidden.device)
+    checks.ndim("weight", weight, (2,))
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (V >= 1, H from hidden), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        checks.dtype("bias", bias, (hidden.dtype,))
+        checks.device("bias", bias, hidden.device)
+        checks.shape("bias", bias, (weight.shape[0],))
+
+
+def _chunk_logits(hidden, weight, bias, step, by_vocab=False):
+    """Yields ``(part, logits)`` for consecutive slices ``part`` of the tokens (or, ``by_vocab``, of the
+    vocabulary): ``hidden[part] @ weight.T + bias`` (or ``hidden @ weight[part].T + bias[part]``), each
+    written into the same buffer of ``step`` rows (columns), so at most one chunk of logits is alive."""
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    total, other = (vocab, tokens) if by_vocab else (tokens, vocab)
+    buffer = hidden.new_empty(min(step, total) * other)
+    for start in range(0, total, step):
+        part = slice(start, min(start + step, total))
+        h, w = (hidden, weight[part]) if by_vocab else (hidden[part], weight)
+        logits = buffer[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+        if bias is None:
+            torch.mm(h, w.t(), out=logits)
+        else:
+            torch.addmm(bias[part] if by_vocab else bias, h, w.t(), out=logits)
+        yield part, logits
+
+
+@torch.library.custom_op("fastrlhf::linear_logprobs_forward", mutates_args=())
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                            inv_temp: Tensor, ignore_index: int, chunk_size: int,
+                            slice_width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``[N]`` fp32 log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
+    ``chunk_size`` tokens at a time; ``slice_width`` is the backward's."""
+    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
+    logp, entropy, lse = backend.empty_outputs(like, 3)
+    vocab = weight.shape[0]
+    for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
+        logp[rows], entropy[rows], lse[rows] = forward_local(logits, labels[rows], inv_temp[rows], ignore_index, 0,
+                                                             vocab)
+    return logp, entropy, lse
+
+
+@linear_logprobs_forward.register_fake
+def _(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, slice_width):
+    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
+    return like, torch.empty_like(like), torch.empty_like(like)
+
+
+@torch.library.custom_op("fastrlhf::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                             inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor], grad_logp: Tensor,
+                             grad_entropy: Optional[Tensor], ignore_index: int, slice_width: int,
+                             needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]``, each in its input's dtype; one
+    not asked for in ``needs_grad`` (hidden, weight, bias) is returned as an empty ``[0]`` tensor.
+
+    ``entropy`` and ``grad_entropy`` are both given or both None (no entropy term). The backward walks
+    the vocabulary in slices of ``slice_width`` columns and all tokens: each slice's logits are
+    recomputed and overwritten by their gradient G (the kernel takes the slice as a vocab shard and the
+    per-token logsumexp and entropy of the whole row), then
+    ``grad_weight[slice] = G.T @ h`` and ``grad_bias[slice] = G.sum(0)`` are final at once and only
+    ``grad_hidden += G @ W[slice]`` accumulates, over a ``[N, H]`` buffer. Slicing by tokens instead
+    would accumulate over the ``[V, H]`` weight gradient, reading and writing it once per chunk.
+    """
+    need_hidden, need_weight, need_bias = needs_grad
+    vocab = weight.shape[0]
+    # Low precision accumulates grad_hidden in fp32 over the slices (fp32 operands too: the CPU has no
+    # mixed-precision GEMM); fp32 and fp64 accumulate in place.
+    acc = _acc_dtype(hidden)
+    grad_hidden = torch.zeros(hidden.shape if need_hidden else 0, dtype=acc, device=hidden.device)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = weight.new_empty(vocab if need_bias else 0)
+    for cols, logits in _chunk_logits(hidden, weight, bias, slice_width, by_vocab=True):
+        backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                      cols.start, vocab)
+        if need_hidden:
+            grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
+        if need_weight:
+            torch.mm(logits.t(), hidden, out=grad_weight[cols])
+        if need_bias:
+            grad_bias[cols] = logits.sum(0, dtype=acc)
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
+
+
+@linear_logprobs_backward.register_fake
+def _(hidden, weight, bias, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, slice_width,
+      needs_grad):
+    need_hidden, need_weight, need_bias = needs_grad
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            weight.new_empty(weight.shape[0] if need_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, inv_temp, ignore_index, _, slice_width = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, lse, entropy)
+    ctx.args = (ignore_index, slice_width)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    ignore_index, slice_width = ctx.args
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if grad_entropy is None:
+        entropy = None
+    grad_hidden, grad_weight, grad_bias = torch.ops.fastrlhf.linear_logprobs_backward(
+        hidden, weight, bias, labels, inv_temp, lse, entropy, grad_logp.contiguous(),
+        None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, slice_width, needs)
+    return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+            None, None, None, None, None)
+
+
+linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

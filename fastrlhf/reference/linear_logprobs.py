@@ -1,0 +1,14 @@
+"""Reference linear log-probs: the whole ``[tokens, V]`` logits tensor at once, then ``reference.logprobs``."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from fastrlhf.reference.logprobs import logprobs
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                    chunk_size=None):
+    """``logprobs(hidden @ weight.T + bias, labels, ...)``; ``chunk_size`` is accepted and ignored."""
+    return logprobs(F.linear(hidden, weight, bias), labels, temperature=temperature, ignore_index=ignore_index,
+                    return_entropy=return_entropy)

@@ -1,0 +1,48 @@
+"""Shared by the integration tests: the packages' own functions are compared before and after patching."""
+
+import pytest
+import torch
+
+from fastrlhf.bench.case import error_and_bound
+
+
+def _run(call, args, grads):
+    """Outputs of ``call(*args)`` and, with ``grads``, the gradients of its floating inputs under a fixed
+    random upstream gradient."""
+    leaves = [a.detach().clone().requires_grad_(grads) if _floating(a) else a for a in args]
+    out = call(*leaves)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    results = [o.detach() for o in outs]
+    if grads:
+        g = torch.Generator().manual_seed(0)
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+                   for o in outs if o.requires_grad)
+        inputs = [x for x in leaves if _floating(x)]
+        unused_as_zero = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+        results += unused_as_zero
+    return results
+
+
+def _floating(x):
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def assert_matches_original(call, patch, args, grads=True):
+    """``call(*args)`` (which looks the package's function up when called) after ``patch()`` against the
+    same call before it: outputs and gradients, each within twice the original's own error against the
+    original run in float64 plus a small slack (the project's rule for precision-dependent tolerances)."""
+    exact = _run(call, [a.double() if _floating(a) else a for a in args], grads)
+    before = _run(call, args, grads)
+    with patch():
+        after = _run(call, args, grads)
+    assert len(after) == len(before) == len(exact)
+    for i, (got, want, same) in enumerate(zip(after, exact, before)):
+        assert got.shape == want.shape, i
+        error, bound = error_and_bound(got, want, same)
+        assert error <= bound, f"output/gradient {i}: error {error:.3e} > bound {bound:.3e}"
+
+
+@pytest.fixture
+def matches_original():
+    return assert_matches_original
+

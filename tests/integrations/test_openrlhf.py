@@ -1,0 +1,137 @@
+"""fastrlhf.integrations.openrlhf: OpenRLHF's own functions give the same results before and after patch().
+
+OpenRLHF's model package imports flash-attn and its experience maker imports vLLM, neither of which
+installs on a CPU machine; where they are absent, the import-time names they are asked for are stubbed
+(the functions tested here never call them), so OpenRLHF's real code is what runs.
+"""
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from fastrlhf.integrations import openrlhf as integration
+
+pytest.importorskip("openrlhf", reason="openrlhf is not installed: pip install 'fastrlhf[integrations]'")
+for dependency in ("deepspeed", "peft", "ray", "torchdata", "pylatexenc", "aiohttp"):
+    pytest.importorskip(dependency, reason=f"{dependency}, which openrlhf imports, is not installed")
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+GPU_ONLY = {
+    "flash_attn": {}, "flash_attn.utils": {}, "flash_attn.utils.distributed": {"all_gather": _noop},
+    "flash_attn.bert_padding": dict(index_first_axis=_noop, pad_input=_noop, rearrange=_noop, unpad_input=_noop),
+    "vllm": {"SamplingParams": dict}, "vllm.inputs": {"TokensPrompt": dict}, "vllm.utils": {"random_uuid": _noop},
+}
+
+
+def stub_absent(monkeypatch, modules: dict[str, dict]) -> None:
+    """Empty modules with the given attributes in sys.modules, for packages that are not installed."""
+    for name, attributes in modules.items():
+        top = sys.modules.get(name.split(".")[0])
+        installed = (not getattr(top, "_fastrlhf_stub", False)) if top is not None else (
+            importlib.util.find_spec(name.split(".")[0]) is not None)
+        if installed:
+            continue
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module._fastrlhf_stub = True
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """OpenRLHF's modules, imported with the GPU-only packages stubbed; the stubs leave sys.modules after."""
+    import transformers  # noqa: F401  (imported before the stubs, so it never sees them)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stub_absent(monkeypatch, GPU_ONLY)
+        names = ("models.utils", "models.loss", "models.actor", "trainer.ppo_utils.experience_maker")
+        return types.SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"openrlhf.{n}") for n in names})
+
+
+def rollout(B=6, T=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    return rewards, values, torch.arange(T) < lengths[:, None]
+
+
+def logits_and_labels(seed=1, shape=(3, 17), V=1000):
+    g = torch.Generator().manual_seed(seed)
+    return 3 * torch.randn(*shape, V, generator=g), torch.randint(0, V, shape, generator=g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_from_logits(modules, matches_original, temperature):
+    # the original divides its logits in place: hand it a copy, not the leaf
+    call = lambda x, y: modules.utils.log_probs_from_logits(x * 1, y, temperature)  # noqa: E731
+    matches_original(call, integration.patch, logits_and_labels())
+
+
+def test_temperature_scales_the_callers_logits_in_place(modules):
+    logits, labels = logits_and_labels(seed=2)
+    with integration.patch():
+        scaled = logits.clone()
+        modules.utils.log_probs_from_logits(scaled, labels, 0.5)
+    torch.testing.assert_close(scaled, logits / 0.5)
+
+
+def test_entropy(modules, matches_original):
+    matches_original(lambda x: modules.utils.compute_entropy(x), integration.patch, logits_and_labels(seed=3)[:1])
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_gae(modules, matches_original, masked):
+    maker = modules.experience_maker.RemoteExperienceMaker
+    call = lambda r, v, m: maker.get_advantages_and_returns(None, v, r, m if masked else None, 0.99, 0.95)  # noqa: E731
+    matches_original(call, integration.patch, rollout(), grads=False)
+
+
+@pytest.mark.parametrize("loss", ["PairWiseLoss", "LogExpLoss"])
+@pytest.mark.parametrize("with_margin", [True, False])
+def test_pairwise_losses(modules, matches_original, loss, with_margin):
+    g = torch.Generator().manual_seed(4)
+    chosen, rejected, margin = (3 * torch.randn(64, generator=g) for _ in range(3))
+    module = getattr(modules.loss, loss)()
+    if with_margin:
+        matches_original(lambda c, r, m: module(c, r, m), integration.patch, (chosen, rejected, margin))
+    else:
+        matches_original(lambda c, r: module(c, r), integration.patch, (chosen, rejected))
+
+
+@pytest.mark.parametrize("ipo, label_smoothing", [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_dpo_loss(modules, matches_original, ipo, label_smoothing):
+    g = torch.Generator().manual_seed(5)
+    logps = [-50 * torch.rand(64, generator=g) for _ in range(4)]
+    module = modules.loss.DPOLoss(beta=0.1, label_smoothing=label_smoothing, ipo=ipo)
+    matches_original(lambda *x: module(*x), integration.patch, logps)
+
+
+def test_every_holder_is_rebound_and_restored(modules):
+    originals = {name: getattr(modules.utils, name) for name in ("log_probs_from_logits", "compute_entropy")}
+    gae = modules.experience_maker.RemoteExperienceMaker.get_advantages_and_returns
+    with integration.patch():
+        for name, original in originals.items():  # actor.py did `from .utils import ...`
+            assert getattr(modules.actor, name) is getattr(modules.utils, name) is not original
+        assert modules.experience_maker.RemoteExperienceMaker.get_advantages_and_returns is not gae
+    for name, original in originals.items():
+        assert getattr(modules.actor, name) is getattr(modules.utils, name) is original
+    assert modules.experience_maker.RemoteExperienceMaker.get_advantages_and_returns is gae
+
+
+def test_without_vllm_gae_is_left_alone_with_a_warning(modules, monkeypatch):
+    monkeypatch.setitem(sys.modules, integration.EXPERIENCE, None)
+    with pytest.warns(UserWarning, match="GAE is not replaced"):
+        handle = integration.patch()
+    with handle:
+        assert not any(target.startswith(integration.EXPERIENCE) for target in handle.replaced)
+        assert "log_probs_from_logits" in " ".join(handle.replaced)
