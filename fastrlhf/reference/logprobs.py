@@ -40,18 +40,25 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
 
 
 def selective_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    z = _scaled(logits.reshape(-1, logits.shape[-1]), temperature if not isinstance(temperature, torch.Tensor)
-                else temperature.expand(logits.shape[:-1]).reshape(-1))
+    rows = logits.reshape(-1, logits.shape[-1])
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.expand(logits.shape[:-1]).reshape(-1)
+    else:
+        temperature = torch.full((rows.shape[0],), float(temperature))
     flat = labels.reshape(-1)
     ignored = flat == ignore_index
     index = flat.masked_fill(ignored, 0).long()
     logp, entropy = [], []
-    for row, label in zip(z, index):
-        row_logp = row.log_softmax(-1)
-        logp.append(row_logp[label])
+    # One row upcast, scaled and normalised at a time; the picked values are copied out (a 0-d view
+    # would keep its whole row alive until the end).
+    for row, t, label in zip(rows, temperature, index):
+        row_logp = _scaled(row, t).log_softmax(-1)
+        logp.append(row_logp[label].clone())
         if return_entropy:
             entropy.append(-(row_logp.exp() * row_logp.masked_fill(row_logp == -torch.inf, 0.0)).sum())
     shape = labels.shape
-    logp = torch.stack(logp).reshape(shape) if logp else z.new_zeros(shape)
-    entropy = (torch.stack(entropy).reshape(shape) if entropy else z.new_zeros(shape)) if return_entropy else None
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.stack(logp).reshape(shape) if logp else logits.new_zeros(shape, dtype=compute)
+    entropy = (torch.stack(entropy).reshape(shape) if entropy else logits.new_zeros(shape, dtype=compute)) \
+        if return_entropy else None
     return _finish(logp, entropy, ignored.reshape(shape), return_entropy)

@@ -304,3 +304,13 @@ def test_cpp_kernel_rejects_out_of_range_labels_itself():
     labels[1] = 10
     with pytest.raises(RuntimeError, match="labels: expected values in"):
         torch.ops.fastrlhf.logprobs_forward(logits, labels, torch.ones(3), IGNORE, 0, 10, False)
+
+
+def test_row_loop_reference_matches_log_softmax_reference():
+    logits, labels = inputs(6, 400, dtype=F64, seed=22)
+    logits[0, :100] = -math.inf
+    for temperature in (0.7, torch.rand(6, dtype=F64) + 0.5):
+        got = reference.selective_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+        want = reference.logprobs(logits, labels, temperature=temperature, return_entropy=True)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)
