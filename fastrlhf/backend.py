@@ -96,6 +96,14 @@ def cpp_ops():
     return torch.ops.fastrlhf_cpp
 
 
+def kernels(op: str, tensor: torch.Tensor):
+    """The kernels that run ``op`` on ``tensor``: the C++ ops or ``fastrlhf.kernels.<op>``, whose launchers
+    take the same arguments."""
+    if backend_for(tensor) == "cpp":
+        return cpp_ops()
+    return triton_kernels(op, tensor.device)
+
+
 def triton_kernels(name: str, device: torch.device) -> ModuleType:
     """Import ``fastrlhf.kernels.<name>``, whose kernels run on ``device`` (CPU: the interpreter)."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"

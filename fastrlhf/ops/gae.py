@@ -126,16 +126,10 @@ def _coefficient(name, value, rows, dtype, device):
     return torch.full((rows,), float(value), dtype=dtype, device=device)
 
 
-def _kernels(rewards):
-    if backend.backend_for(rewards) == "cpp":
-        return backend.cpp_ops()
-    return backend.triton_kernels("gae", rewards.device)
-
-
 def _forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, lam, returns_lam, zero_masked):
     advantages, returns = backend.empty_outputs(rewards, 2)
-    _kernels(rewards).gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, lam,
-                                  returns_lam, zero_masked, advantages, returns)
+    backend.kernels("gae", rewards).gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma,
+                                                lam, returns_lam, zero_masked, advantages, returns)
     return advantages, returns
 
 
@@ -163,8 +157,9 @@ def gae_backward(grad_advantages: Tensor, grad_returns: Tensor, mask: Optional[T
     """
     grad_rewards, grad_values = backend.empty_outputs(grad_advantages, 2)
     grad_bootstrap = backend.empty_outputs(gamma.to(grad_advantages.dtype), 1)[0]
-    _kernels(grad_advantages).gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam,
-                                           returns_lam, zero_masked, grad_rewards, grad_values, grad_bootstrap)
+    backend.kernels("gae", grad_advantages).gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma,
+                                                         lam, returns_lam, zero_masked, grad_rewards, grad_values,
+                                                         grad_bootstrap)
     return grad_rewards, grad_values, grad_bootstrap
 
 

@@ -115,26 +115,20 @@ def _check_labels(labels, ignore_index, vocab):
         raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}")
 
 
-def _kernels(logits):
-    if backend.backend_for(logits) == "cpp":
-        return backend.cpp_ops()
-    return backend.triton_kernels("logprobs", logits.device)
-
-
 def forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size):
     """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``."""
     like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
-    _kernels(logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size,
-                                      logp, entropy, lse)
+    backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start,
+                                                         vocab_size, logp, entropy, lse)
     return logp, entropy, lse
 
 
 def backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size):
     """Writes the logits' gradient into ``out`` (which may be ``logits`` itself)."""
-    _kernels(logits).logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                                       ignore_index, vocab_start, vocab_size, out)
+    backend.kernels("logprobs", logits).logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
+                                                          grad_entropy, ignore_index, vocab_start, vocab_size, out)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_forward", mutates_args=())

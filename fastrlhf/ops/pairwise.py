@@ -163,12 +163,6 @@ def _stats(stats):
     return {name: stats[k] for k, name in enumerate(STATS)}
 
 
-def _kernels(like):
-    if backend.backend_for(like) == "cpp":
-        return backend.cpp_ops()
-    return backend.triton_kernels("pairwise", like.device)
-
-
 def _pairs(chosen, rejected, ref_chosen, ref_rejected, margin, beta, label_smoothing, loss_type, reduction,
            reward_scale):
     checks.one_of("reduction", reduction, REDUCTIONS)
@@ -195,8 +189,9 @@ def _pairwise_outputs(chosen, reduction):
 def _pairwise_forward(chosen, rejected, ref_chosen, ref_rejected, margin, beta, label_smoothing, loss_type,
                       reduction, reward_scale):
     loss, stats, factors = (backend.empty_outputs(t, 1)[0] for t in _pairwise_outputs(chosen, reduction))
-    _kernels(chosen).pairwise_forward(chosen, rejected, ref_chosen, ref_rejected, margin, beta, label_smoothing,
-                                      loss_type, reduction, reward_scale, loss, stats, factors)
+    backend.kernels("pairwise", chosen).pairwise_forward(chosen, rejected, ref_chosen, ref_rejected, margin, beta,
+                                                         label_smoothing, loss_type, reduction, reward_scale, loss,
+                                                         stats, factors)
     return loss, stats, factors
 
 
@@ -298,9 +293,9 @@ def _reward_model_forward(chosen_values, rejected_values, chosen_mask, rejected_
                           rank_coef, center_coef, lm_coef):
     *floats, index = _reward_model_outputs(chosen_values)
     loss, stats, factors = (backend.empty_outputs(t, 1)[0] for t in floats)
-    _kernels(chosen_values).reward_model_forward(chosen_values, rejected_values, chosen_mask, rejected_mask, margin,
-                                                 chosen_logprobs, rank_coef, center_coef, lm_coef, loss, stats,
-                                                 factors, index)
+    backend.kernels("pairwise", chosen_values).reward_model_forward(
+        chosen_values, rejected_values, chosen_mask, rejected_mask, margin, chosen_logprobs, rank_coef, center_coef,
+        lm_coef, loss, stats, factors, index)
     return loss, stats, factors, index
 
 
@@ -328,8 +323,9 @@ def reward_model_backward(grad_loss: Tensor, factors: Tensor, index: Tensor, sta
     log-probs (``-lm_coef * grad / tokens`` where ``chosen_mask`` is set; empty without log-probs)."""
     grad_chosen, grad_rejected, grad_logprobs = (backend.empty_outputs(t, 1)[0] for t in _reward_model_grads(
         chosen_mask, rejected_mask, values_dtype, logprobs_dtype))
-    _kernels(grad_loss).reward_model_backward(grad_loss, factors, index, stats, chosen_mask, lm_coef,
-                                              logprobs_dtype is not None, grad_chosen, grad_rejected, grad_logprobs)
+    backend.kernels("pairwise", grad_loss).reward_model_backward(
+        grad_loss, factors, index, stats, chosen_mask, lm_coef, logprobs_dtype is not None, grad_chosen,
+        grad_rejected, grad_logprobs)
     return grad_chosen, grad_rejected, grad_logprobs
 
 
