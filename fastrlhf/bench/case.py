@@ -50,3 +50,19 @@ def error_and_bound(got: torch.Tensor, exact: torch.Tensor, torch_same_precision
     err = (got.double() - exact)[finite].abs().max().item() if finite.any() else 0.0
     base = (torch_same_precision.double() - exact)[finite].abs().max().item() if finite.any() else 0.0
     return err, 2 * base + SLACK[got.dtype] * max(1.0, exact[finite].abs().max().item() if finite.any() else 1.0)
+
+
+def outputs_and_grads(outs, leaves, upstream) -> list[torch.Tensor]:
+    """Detached CPU copies of ``outs`` and of the gradients of ``sum_i (outs[i] * upstream[i]).sum()`` (in
+    float64) with respect to ``leaves``."""
+    loss = sum((o.double() * u.to(o.device)).sum() for o, u in zip(outs, upstream))
+    return [t.detach().cpu() for t in (*outs, *torch.autograd.grad(loss, leaves))]
+
+
+def errors(names, run, fused, exact, same_precision, dtype: torch.dtype, device) -> dict[str, tuple[float, float]]:
+    """``error_and_bound`` of each result of ``run(fn, dtype, device)``: ``fused`` on ``device`` against
+    ``exact`` run in float64 on the CPU, bounded by ``same_precision`` run in ``dtype`` on the CPU."""
+    got = run(fused, dtype, device)
+    want = run(exact, torch.float64, "cpu")
+    same = run(same_precision, dtype, "cpu")
+    return {n: error_and_bound(g, e, s) for n, g, e, s in zip(names, got, want, same)}

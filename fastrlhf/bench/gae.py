@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, error_and_bound
+from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
 
 # Per element: rewards and values read (fp32), the mask read (bool), advantages and returns written.
 BYTES_PER_ELEMENT = 4 + 4 + 1 + 4 + 4
@@ -66,11 +66,7 @@ def _check(B: int, T: int, dtype: torch.dtype, device: torch.device) -> dict[str
     def run(fn, dt, dev):
         leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (rewards, values)]
         outs = fn(*leaves, mask.to(dev), dones=dones.to(dev), gamma=0.99, lam=0.95)
-        loss = sum((o.double() * u.to(dev)).sum() for o, u in zip(outs, upstream))
-        return [t.detach().cpu() for t in (*outs, *torch.autograd.grad(loss, leaves))]
+        return outputs_and_grads(outs, leaves, upstream)
 
-    got = run(fastrlhf.gae, dtype, device)
-    exact = run(reference.gae, torch.float64, "cpu")
-    same_precision = run(reference.gae, dtype, "cpu")
     names = ("advantages", "returns", "grad rewards", "grad values")
-    return {n: error_and_bound(g_, e, s) for n, g_, e, s in zip(names, got, exact, same_precision)}
+    return errors(names, run, fastrlhf.gae, reference.gae, reference.gae, dtype, device)

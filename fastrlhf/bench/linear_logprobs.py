@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, error_and_bound
+from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, dtype=torch.float32, seed=0):
@@ -82,11 +82,8 @@ def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: tor
         leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (h, w, b)]
         outs = fn(leaves[0], leaves[1], labels.to(dev), bias=leaves[2], temperature=0.8, return_entropy=True,
                   chunk_size=16)
-        loss = sum((o.double() * u.to(dev)).sum() for o, u in zip(outs, upstream))
-        return [t.detach().cpu() for t in (*outs, *torch.autograd.grad(loss, leaves))]
+        return outputs_and_grads(outs, leaves, upstream)
 
-    got = run(fastrlhf.linear_logprobs, dtype, device)
-    exact = run(reference.linear_logprobs, torch.float64, "cpu")
-    same_precision = run(reference.linear_logprobs, dtype, "cpu")
     names = ("logp", "entropy", "grad hidden", "grad weight", "grad bias")
-    return {n: error_and_bound(g_, e, s) for n, g_, e, s in zip(names, got, exact, same_precision)}
+    return errors(names, run, fastrlhf.linear_logprobs, reference.linear_logprobs, reference.linear_logprobs,
+                  dtype, device)

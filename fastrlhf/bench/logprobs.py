@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, error_and_bound
+from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
 
 REFERENCES = {"log_softmax+gather": reference.logprobs, "row loop (TRL)": reference.selective_logprobs}
 
@@ -82,16 +82,11 @@ def _check(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) ->
 
     def run(fn, dt, dev):
         x = logits.to(dtype=dt, device=dev).requires_grad_()
-        logp, entropy = fn(x, labels.to(dev), temperature=0.7, return_entropy=True)
-        (grad,) = torch.autograd.grad((logp.double() * upstream[0].to(dev)).sum()
-                                      + (entropy.double() * upstream[1].to(dev)).sum(), x)
-        return [t.detach().cpu() for t in (logp, entropy, grad)]
+        outs = fn(x, labels.to(dev), temperature=0.7, return_entropy=True)
+        return outputs_and_grads(outs, [x], upstream)
 
-    got = run(fastrlhf.logprobs, dtype, device)
-    exact = run(reference.logprobs, torch.float64, "cpu")
-    same_precision = run(_in_precision, dtype, "cpu")
-    return {n: error_and_bound(g_, e, s) for n, g_, e, s in zip(("logp", "entropy", "grad logits"), got, exact,
-                                                                 same_precision)}
+    return errors(("logp", "entropy", "grad logits"), run, fastrlhf.logprobs, reference.logprobs, _in_precision,
+                  dtype, device)
 
 
 def _in_precision(logits, labels, *, temperature, return_entropy):

@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, error_and_bound
+from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
 
 # Per token of each side, forward + backward: the mask read (bool) and the values' gradient written (fp32).
 BYTES_PER_TOKEN = 1 + 4
@@ -97,9 +97,7 @@ def _errors(run, fused, plain, leaves, dtype, device):
     """Loss and gradients of the kernel (on ``device``), of float64 and of PyTorch in ``dtype``."""
     def results(fn, dt, dev):
         xs = [x.to(dtype=dt, device=dev).requires_grad_() for x in leaves]
-        loss = run(fn, *xs)
-        return [t.detach().cpu() for t in (loss, *torch.autograd.grad(loss, xs))]
+        return outputs_and_grads([run(fn, *xs)], xs, [torch.tensor(1.0)])
 
-    got, exact, same = results(fused, dtype, device), results(plain, torch.float64, "cpu"), results(plain, dtype, "cpu")
     names = ["loss", *(f"grad {k}" for k in range(len(leaves)))]
-    return {n: error_and_bound(a, e, s) for n, a, e, s in zip(names, got, exact, same)}
+    return errors(names, results, fused, plain, plain, dtype, device)
