@@ -3,7 +3,6 @@
 import importlib.util
 
 import pytest
-import torch
 
 from fastrlhf import backend
 

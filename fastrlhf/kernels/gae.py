@@ -13,7 +13,6 @@ sequences per program and many tiles, so both keep a program's tile near 2k elem
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
