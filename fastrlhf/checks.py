@@ -1,7 +1,16 @@
-"""Argument checks shared by the ops: each error names the argument, what was expected and what came."""
+"""Argument checks shared by the ops: each error names the argument, what was expected and what came.
+
+Checks of shapes, dtypes and devices read only metadata. Checks of tensor *values* (labels in range,
+offsets increasing, ...) must read the values on the host, which on CUDA is a device sync: it drains the
+launch queue and breaks CUDA-graph capture. So value checks run only where ``values_checked`` says so:
+on CPU tensors (no queue to drain) and, on other devices, only when asked with ``FASTRLHF_CHECKS=1``.
+Without it, the kernels themselves turn invalid values into NaN outputs (never a silent finite answer
+and never an out-of-bounds access).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -38,10 +47,18 @@ def device(name: str, value: torch.Tensor, expected: torch.device) -> None:
         raise ValueError(f"{name}: expected a tensor on {expected}, got one on {value.device}")
 
 
+def values_checked(value: torch.Tensor) -> bool:
+    """Whether an op may read ``value``'s elements on the host to validate them: never while compiling
+    (the kernels poison what they cannot use), always on CPU, elsewhere only with ``FASTRLHF_CHECKS=1``."""
+    if torch.compiler.is_compiling():
+        return False
+    return value.device.type == "cpu" or os.environ.get("FASTRLHF_CHECKS") == "1"
+
+
 def unit_interval(name: str, value: float | torch.Tensor) -> None:
-    """``value`` (a float or a tensor) lies in [0, 1]; tensor values are not read under torch.compile."""
+    """``value`` (a float or a tensor) lies in [0, 1]; tensor values only where ``values_checked``."""
     if isinstance(value, torch.Tensor):
-        if torch.compiler.is_compiling():
+        if not values_checked(value):
             return
         if value.is_floating_point() and not bool(((value >= 0) & (value <= 1)).all()):
             raise ValueError(f"{name}: expected values in [0, 1], got min {value.min().item()}, max {value.max().item()}")
