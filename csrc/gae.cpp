@@ -7,7 +7,6 @@
 // memory traffic than they gain), and hoisting each lane's bounds out of the loop halved the time.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>

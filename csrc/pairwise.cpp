@@ -9,7 +9,6 @@
 // its last unmasked token with a backward scan that stops there.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <array>

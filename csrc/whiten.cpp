@@ -3,7 +3,6 @@
 // backward needs two sums over the upstream gradient and one writing pass.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <array>
 #include <vector>
