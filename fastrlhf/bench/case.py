@@ -5,9 +5,9 @@ Each op has a module ``fastrlhf/bench/<op>.py`` with two functions (and is liste
 ``cases(quick: bool) -> list[Case]``: what ``fastrlhf bench`` times (and ``benchmarks/test_ops.py`` runs). Each
 ``Case`` builds its inputs with ``make_inputs()`` and must set ``same(fused_out, baseline_out)``, which raises
 (``torch.testing.assert_close``) when the fused result disagrees with the first reference's on those inputs;
-it runs before anything is timed. A case whose fused call changes its inputs (an in-place backward) compares
-on copies: ``make_inputs`` stays pure and ``fused`` clones what it overwrites, or sets ``same`` on a wrapper
-that does.
+``Case.check`` runs it before anything is timed, on a fresh ``make_inputs()`` for each side, so a fused call
+that overwrites its inputs (an in-place backward) is compared too: ``make_inputs`` must return the same
+values on every call (seed its generator).
 
 ``checks() -> list[Check]``: what ``fastrlhf verify`` runs on every backend. A check computes the exact
 answer in float64 from the inputs rounded to the checked dtype (``x.to(dtype).double()``), runs the op in
@@ -32,12 +32,18 @@ class Case:
 
     op: str                                      # e.g. "gae + masked_whiten"
     shape: str                                   # e.g. "B=256 T=2048 fp32"
-    make_inputs: Callable[[], tuple]             # fresh inputs, built outside the timed region
+    make_inputs: Callable[[], tuple]             # the same fresh inputs on every call (seeded), built untimed
     fused: Callable[..., Any]                    # fused(*inputs)
     references: dict[str, Callable[..., Any]]    # name -> reference(*inputs); the first is the baseline
     bytes_moved: int                             # floor: each input read once, each output written once
-    same: Callable[[Any, Any], None] | None = None  # raises if fused and baseline outputs disagree
+    same: Callable[[Any, Any], None]             # same(out, baseline_out) raises if they disagree
     x: float | None = None                       # x coordinate of the speed-up plot (e.g. T)
+
+    def check(self, fn: Callable[..., Any]) -> None:
+        """Raises unless ``fn`` (the fused op or a reference) agrees with the baseline, each run on its own
+        fresh inputs, so an op that overwrites its inputs (an in-place backward) is compared fairly."""
+        baseline = next(iter(self.references.values()))
+        self.same(fn(*self.make_inputs()), baseline(*self.make_inputs()))
 
 
 @dataclass
