@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import Case, Check, bound, compute_dtype, outputs_and_grads, within
 
 # Per element: rewards and values read (fp32), the mask read (bool), advantages and returns written.
 BYTES_PER_ELEMENT = 4 + 4 + 1 + 4 + 4
@@ -57,16 +57,30 @@ def checks() -> list[Check]:
 
 
 def _check(B: int, T: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
-    """Outputs and gradients of the kernel, float64 reference, and PyTorch in ``dtype``."""
+    """Outputs and gradients of the kernel against float64 on the rounded inputs."""
     rewards, values, mask = _inputs(B, T, torch.float64, seed=B * T)
+    rewards, values = rewards.to(dtype).double(), values.to(dtype).double()
     dones = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) < 0.02
     g = torch.Generator().manual_seed(2)
-    upstream = [torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(2)]
+    # Autograd hands the kernel the upstream gradients in the outputs' dtype: the exact answer uses them rounded.
+    upstream = [torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2)]
+    options = {"dones": dones, "gamma": 0.99, "lam": 0.95}
 
-    def run(fn, dt, dev):
-        leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (rewards, values)]
-        outs = fn(*leaves, mask.to(dev), dones=dones.to(dev), gamma=0.99, lam=0.95)
-        return outputs_and_grads(outs, leaves, upstream)
+    def run(fn, dt, dev, r, v, grads):
+        leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (r, v)]
+        outs = fn(*leaves, mask.to(dev), **{k: x.to(dev) if torch.is_tensor(x) else x for k, x in options.items()})
+        return outputs_and_grads(outs, leaves, grads)
 
+    got = run(fastrlhf.gae, dtype, device, rewards, values, upstream)
+    exact = run(reference.gae, torch.float64, "cpu", rewards, values, upstream)
+    # Magnitudes: the advantage chain run on |r| + |v| + gamma max|v| (a bound on each |delta|'s terms)
+    # and its adjoint run on |upstream| (the chain's coefficients are products of gamma lam >= 0). A value
+    # enters the delta at its own step and, times gamma, the one before: bounded by the running maximum.
+    vmax = values.abs().amax(1, keepdim=True)
+    scale_adv, _, scale_grad_r, _ = run(reference.gae, torch.float64, "cpu", rewards.abs() + values.abs() + 0.99 * vmax,
+                                        torch.zeros_like(values), [u.abs() for u in upstream])
+    scale_grad_v = 1.99 * scale_grad_r.cummax(1).values + upstream[1].abs()
+    compute = compute_dtype(dtype)
+    scales = (scale_adv, scale_adv + values.abs(), scale_grad_r, scale_grad_v)
     names = ("advantages", "returns", "grad rewards", "grad values")
-    return errors(names, run, fastrlhf.gae, reference.gae, reference.gae, dtype, device)
+    return {n: within(g, e, bound(e, sc, compute, dtype)) for n, g, e, sc in zip(names, got, exact, scales)}

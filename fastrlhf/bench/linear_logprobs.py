@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import K, Case, Check, bound, compute_dtype, outputs_and_grads, within
+from fastrlhf.bench.logprobs import scales
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, dtype=torch.float32, seed=0):
@@ -69,21 +70,41 @@ def checks() -> list[Check]:
 
 
 def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Outputs and gradients of the op, the float64 reference, and PyTorch in ``dtype``."""
+    """Outputs and gradients of the op against float64 on the rounded inputs."""
     g = torch.Generator().manual_seed(tokens * vocab)
     h = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
     w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (3.0 / hidden ** 0.5)
     b = torch.randn(vocab, generator=g, dtype=torch.float64)
+    h, w, b = (x.to(dtype).double() for x in (h, w, b))
     labels = torch.randint(0, vocab, (tokens,), generator=g)
     labels[1::4] = -100  # row 0 always counts (N=1)
     upstream = [torch.randn(tokens, generator=g, dtype=torch.float64) for _ in range(2)]
+    temperature = 0.8
 
     def run(fn, dt, dev):
         leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (h, w, b)]
-        outs = fn(leaves[0], leaves[1], labels.to(dev), bias=leaves[2], temperature=0.8, return_entropy=True,
-                  chunk_size=16)
+        outs = fn(leaves[0], leaves[1], labels.to(dev), bias=leaves[2], temperature=temperature,
+                  return_entropy=True, chunk_size=16)
         return outputs_and_grads(outs, leaves, upstream)
 
+    got = run(fastrlhf.linear_logprobs, dtype, device)
+    exact = run(reference.linear_logprobs, torch.float64, "cpu")
+    # Each logit is a dot product over H plus the bias (magnitudes |h| |W|^T + |b|), stored in hidden's
+    # dtype as documented (half an ulp of |z|, expressed in units of K roundings of the compute dtype).
+    # The logits' gradient G carries the errors that ``logprobs`` bounds and is stored in hidden's dtype
+    # too; each gradient GEMM adds its own rounding of the products it sums, so both scale with
+    # (bound of G + |G|) times the other operand's magnitudes.
+    compute = compute_dtype(dtype)
+    stored_logits = torch.finfo(dtype).eps / (2 * K * torch.finfo(compute).eps)
+    z = torch.nn.functional.linear(h, w, b) / temperature
+    z.requires_grad_()
+    logp, entropy = reference.logprobs(z, labels, return_entropy=True)
+    grad_z = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), z)[0]
+    z_scale = (h.abs() @ w.abs().T + b.abs()) / temperature + stored_logits * z.detach().abs()
+    row, grad_scale = scales(z.detach(), z_scale, labels, torch.stack(upstream), temperature)
+    g_scale = grad_scale + (1 + stored_logits) * grad_z.abs() / temperature
+    output_scales = (row, row, g_scale @ w.abs(), g_scale.T @ h.abs(), g_scale.sum(0))
     names = ("logp", "entropy", "grad hidden", "grad weight", "grad bias")
-    return errors(names, run, fastrlhf.linear_logprobs, reference.linear_logprobs, reference.linear_logprobs,
-                  dtype, device)
+    stored = (compute, compute, dtype, dtype, dtype)
+    return {n: within(gt, e, bound(e, sc, compute, st))
+            for n, gt, e, sc, st in zip(names, got, exact, output_scales, stored)}

@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import Case, Check, bound, compute_dtype, outputs_and_grads, within
 
 REFERENCES = {"log_softmax+gather": reference.logprobs, "row loop (TRL)": reference.selective_logprobs}
 
@@ -58,11 +58,10 @@ def cases(quick: bool) -> list[Case]:
         backward_refs = {"log_softmax+gather": _forward_backward(reference.logprobs)}
         out.append(Case("logprobs fwd+bwd", shape, make, _forward_backward(fastrlhf.logprobs), backward_refs,
                         3 * logits_bytes, _same_grad))
-        # The gradient overwrites the logits, so the fused run changes the inputs the reference would see:
-        # no comparison here (tests/ops/test_logprobs.py checks that the in-place gradient is the same).
+        # The gradient overwrites the logits: Case.check gives each side its own fresh logits.
         out.append(Case("logprobs fwd+bwd in place", shape, make,
                         _forward_backward(fastrlhf.logprobs, inplace_backward=True), backward_refs,
-                        3 * logits_bytes, None))
+                        3 * logits_bytes, _same_grad))
     return out
 
 
@@ -74,26 +73,46 @@ def checks() -> list[Check]:
 
 
 def _check(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
-    """Outputs and the logits' gradient of the kernel, the float64 reference, and PyTorch in ``dtype``."""
+    """Log-prob, entropy and the logits' gradient of the kernel against float64 on the rounded logits."""
     logits, labels, upstream = _inputs(tokens, vocab, torch.float64, seed=tokens * vocab)
     logits[0, 0] += 20.0  # a peaked row
-    # The exact answer for the logits the kernel sees: the rounded ones.
     logits, upstream = logits.to(dtype).double(), upstream.double()
+    temperature = 0.7
 
-    def run(fn, dt, dev):
-        x = logits.to(dtype=dt, device=dev).requires_grad_()
-        outs = fn(x, labels.to(dev), temperature=0.7, return_entropy=True)
-        return outputs_and_grads(outs, [x], upstream)
+    x = logits.to(device=device, dtype=dtype).requires_grad_()
+    outs = fastrlhf.logprobs(x, labels.to(device), temperature=temperature, return_entropy=True)
+    got = outputs_and_grads(outs, [x], upstream)
+    exact_x = logits.clone().requires_grad_()
+    exact = outputs_and_grads(reference.logprobs(exact_x, labels, temperature=temperature, return_entropy=True),
+                              [exact_x], upstream)
+    row, grad_scale = scales(logits / temperature, (logits / temperature).abs(), labels, upstream, temperature)
+    compute = compute_dtype(dtype)
+    logp, entropy, grad = exact
+    return {"logp": within(got[0], logp, bound(logp, row, compute, compute)),
+            "entropy": within(got[1], entropy, bound(entropy, row, compute, compute)),
+            "grad logits": within(got[2], grad, bound(grad, grad_scale, compute, dtype))}
 
-    return errors(("logp", "entropy", "grad logits"), run, fastrlhf.logprobs, reference.logprobs, _in_precision,
-                  dtype, device)
 
+def scales(z, z_scale, labels, upstream, temperature, ignore_index=-100):
+    """Magnitudes the results of ``fastrlhf.logprobs`` are computed from, per row (log-prob and entropy) and
+    per element (the gradient of ``sum(upstream[0] * logp + upstream[1] * entropy)`` with respect to the
+    logits before the temperature), from the float64 ``z = logits / T`` and ``z_scale >= |z|``, the
+    magnitudes each ``z`` is itself computed from.
 
-def _in_precision(logits, labels, *, temperature, return_entropy):
-    """The reference computed in the logits' own precision, as PyTorch would without upcasting."""
-    z = logits / temperature
-    logp_all = z.log_softmax(-1)
-    ignored = labels == -100
-    logp = logp_all.gather(-1, labels.masked_fill(ignored, 0)[..., None])[..., 0].masked_fill(ignored, 0)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(ignored, 0)
-    return logp, entropy
+    With ``lse``, ``d = z - lse``, ``p = e^d`` and the entropy ``H`` of a row: the log-prob and the entropy
+    are sums and differences of terms no larger than ``row = |lse| + max z_scale``. A gradient element
+    ``(p (a + b d) + [label] g_logp) / T`` with ``a = -(g_logp + g_ent H)``, ``b = -g_ent`` carries ``p``'s
+    relative error (``exp`` of ``d``, whose error scales with ``z_scale + row``) and the error of ``H``
+    inside ``a``.
+    """
+    lse = z.logsumexp(-1, keepdim=True)
+    d = z - lse
+    p = d.exp()
+    h = -(p * d).sum(-1, keepdim=True)
+    row = lse.abs() + z_scale.amax(-1, keepdim=True)
+    g_logp, g_ent = upstream[0, :, None].abs(), upstream[1, :, None].abs()
+    at_label = torch.zeros_like(z).scatter_(-1, labels.clamp_min(0)[:, None], 1.0)
+    grad = (p * ((g_logp + g_ent * (h.abs() + d.abs())) * (1 + z_scale + row) + g_ent * row)
+            + at_label * g_logp) / temperature
+    ignored = (labels == ignore_index)[:, None]
+    return row[:, 0].masked_fill(ignored[:, 0], 0.0), grad.masked_fill(ignored, 0.0)

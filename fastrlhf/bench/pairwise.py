@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import Case, Check, bound, compute_dtype, outputs_and_grads, within
 
 # Per token of each side, forward + backward: the mask read (bool) and the values' gradient written (fp32).
 BYTES_PER_TOKEN = 1 + 4
@@ -60,44 +60,67 @@ def checks() -> list[Check]:
     return out
 
 
-def _pairwise(fn, chosen, rejected, margin):
-    return fn(chosen, rejected, margin=margin, beta=0.5, label_smoothing=0.1)
+def _pairwise(fn, chosen, rejected, margin, reduction="mean"):
+    return fn(chosen, rejected, margin=margin, beta=0.5, label_smoothing=0.1, reduction=reduction)
 
 
 def _dpo(loss_type):
-    def run(fn, *logps):
+    def run(fn, *logps, reduction="mean"):
         smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-        return fn(*logps, beta=0.1, loss_type=loss_type, label_smoothing=smoothing)[0]
+        return fn(*logps, beta=0.1, loss_type=loss_type, label_smoothing=smoothing, reduction=reduction)[0]
     return run
 
 
 def _check_pairs(run, count, dtype, device):
     g = torch.Generator().manual_seed(count)
     # Log-prob-sized gaps: |beta h| spans the saturated tails as well as the centre.
-    leaves = [torch.randn(1000, generator=g, dtype=torch.float64) * 20 for _ in range(count)]
+    leaves = [(torch.randn(1000, generator=g, dtype=torch.float64) * 20).to(dtype).double() for _ in range(count)]
     fused = fastrlhf.pairwise_sigmoid_loss if run is _pairwise else fastrlhf.dpo_loss
     plain = reference.pairwise_sigmoid_loss if run is _pairwise else reference.dpo_loss
-    return _errors(run, fused, plain, leaves, dtype, device)
+    # The per-pair losses may have either sign (robust): the loss's terms are their magnitudes.
+    terms = run(plain, *leaves, reduction="none").abs().mean()
+    return _errors(run, fused, plain, leaves, terms, dtype, device)
 
 
 def _check_reward_model(dtype, device):
     chosen, rejected, chosen_mask, rejected_mask = reward_model_inputs(8, 300, torch.float64, seed=5, side="left")
     logprobs = -torch.rand(8, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 5
-    margin = torch.rand(8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    margin = torch.rand(8, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype).double()
 
     def run(fn, chosen, rejected, logprobs):
         return fn(chosen, rejected, chosen_mask=chosen_mask.to(chosen.device), rejected_mask=rejected_mask.to(
             chosen.device), margin=margin.to(chosen), center_coef=0.01, chosen_logprobs=logprobs, lm_coef=0.5)[0]
 
-    return _errors(run, fastrlhf.reward_model_loss, reference.reward_model_loss,
-                   [chosen.detach(), rejected.detach(), logprobs], dtype, device)
+    leaves = [x.detach().to(dtype).double() for x in (chosen, rejected, logprobs)]
+    # Every term has one sign (softplus, a square, minus the mean of log-probs <= 0): |loss| is their sum.
+    terms = run(reference.reward_model_loss, *leaves).abs()
+    return _errors(run, fastrlhf.reward_model_loss, reference.reward_model_loss, leaves, terms, dtype, device)
 
 
-def _errors(run, fused, plain, leaves, dtype, device):
-    """Loss and gradients of the kernel (on ``device``), of float64 and of PyTorch in ``dtype``."""
-    def results(fn, dt, dev):
-        xs = [x.to(dtype=dt, device=dev).requires_grad_() for x in leaves]
-        return outputs_and_grads([run(fn, *xs)], xs, [torch.tensor(1.0)])
+def _errors(run, fused, plain, leaves, terms, dtype, device):
+    """Loss and gradients of the kernel (on ``device``, in ``dtype``) against float64 on the rounded ``leaves``.
 
+    Bounds: the loss carries the rounding of its terms (``terms``: the sum of their magnitudes) and of each
+    input, ``sum_k |dL/dx_k| |x_k|``; a gradient ``g_j`` carries its own rounding and each input's,
+    ``sum_k |H_jk| |x_k|``, where every block ``H_jk`` of the Hessian is diagonal (each pair's loss depends
+    on that pair's inputs only), so ``|H_jk| |x_k| = |H_jk |x_k||``, a Hessian-vector product.
+    """
+    xs = [x.to(device=device, dtype=dtype).requires_grad_() for x in leaves]
+    got = outputs_and_grads([run(fused, *xs)], xs, [torch.tensor(1.0)])
+    exact_xs = [x.clone().requires_grad_() for x in leaves]
+    loss = run(plain, *exact_xs)
+    grads = torch.autograd.grad(loss, exact_xs, create_graph=True)
+    hessian_terms = [torch.zeros_like(x) for x in leaves]
+    for g_k, x_k in zip(grads, leaves):
+        if g_k.requires_grad:
+            for j, h in enumerate(torch.autograd.grad((g_k * x_k.abs()).sum(), exact_xs, retain_graph=True,
+                                                      allow_unused=True)):
+                if h is not None:
+                    hessian_terms[j] += h.abs()
+    compute = compute_dtype(dtype)
+    exact = [loss.detach(), *(g.detach() for g in grads)]
+    scales = [terms + sum((g.abs() * x.abs()).sum() for g, x in zip(exact[1:], leaves)),
+              *(g.abs() + h for g, h in zip(exact[1:], hessian_terms))]
     names = ["loss", *(f"grad {k}" for k in range(len(leaves)))]
-    return errors(names, results, fused, plain, plain, dtype, device)
+    return {n: within(g, e, bound(e, sc, compute, torch.float32 if n == "loss" else dtype))
+            for n, g, e, sc in zip(names, got, exact, scales)}

@@ -219,18 +219,23 @@ def gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam
 
 
 def aot_cases():
-    """(name, kernel, signature, constexprs) for ahead-of-time compilation: short and long sequences."""
-    cases = []
-    for dtype in ("fp32", "bf16"):
-        for block_s, block_t in (_blocks(256 * 512, 256), _blocks(16 * 16384, 16)):
-            flags = {"HAS_MASK": True, "HAS_DONES": True, "ZERO_MASKED": False, "BLOCK_S": block_s, "BLOCK_T": block_t}
-            common = {"mask_ptr": "*i1", "dones_ptr": "*i1", "offsets_ptr": "*i64", "gamma_ptr": "*fp32",
-                      "lam_ptr": "*fp32", "lam_r_ptr": "*fp32", "num_seqs": "i32"}
-            forward = {"r_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "boot_ptr": f"*{dtype}", "adv_ptr": f"*{dtype}",
-                       "ret_ptr": f"*{dtype}", **common}
-            backward = {"ga_ptr": f"*{dtype}", "gr_ptr": f"*{dtype}", "grad_r_ptr": f"*{dtype}",
-                        "grad_v_ptr": f"*{dtype}", "grad_b_ptr": f"*{dtype}", **common}
-            shape = f"{dtype} BLOCK_S={block_s} BLOCK_T={block_t}"
-            cases.append((f"gae_forward {shape}", gae_forward_kernel, forward, {**flags, "HAS_BOOT": True}))
-            cases.append((f"gae_backward {shape}", gae_backward_kernel, backward, flags))
-    return cases
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: ``fastrlhf.gae`` forward and backward on CPU tensors
+    like verl's batches (a response mask) and like truncated multi-episode rollouts (dones and a bootstrap
+    value), short and long sequences, fp32 and bf16, so the compiled variants are those these launch."""
+    import torch
+
+    import fastrlhf
+
+    def launch(B, T, dtype, rollout):
+        def run():
+            rewards, values = (torch.randn(B, T).to(dtype).requires_grad_() for _ in range(2))
+            extra = {"dones": torch.rand(B, T) < 0.01, "bootstrap_value": torch.zeros(B, dtype=dtype)} if rollout else {}
+            advantages, returns = fastrlhf.gae(rewards, values, torch.ones(B, T, dtype=torch.bool), gamma=0.99,
+                                               lam=0.95, **extra)
+            torch.autograd.grad((advantages.sum(), returns.sum()), (rewards, values))
+        return run
+
+    # Short sequences with a mask (verl), long truncated rollouts with dones and a bootstrap value.
+    return [(f"gae B={B} T={T} {str(dtype).removeprefix('torch.')}{' dones+bootstrap' if rollout else ''}",
+             launch(B, T, dtype, rollout))
+            for dtype in (torch.float32, torch.bfloat16) for B, T, rollout in ((256, 512, False), (16, 16384, True))]

@@ -135,16 +135,34 @@ def _block(V: int) -> int:
 
 
 def aot_cases():
-    """(name, kernel, signature, constexprs) for ahead-of-time compilation, fp32 and bf16 logits."""
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: forward and backward of ``fastrlhf.logprobs`` on
+    shifted ``logits[:, :-1]`` as trainers pass them (fp32 and bf16; a vocabulary divisible by 16 and an odd
+    one; with and without the entropy) and of ``fastrlhf.linear_logprobs`` (vocab slices), so the compiled
+    variants are those these launch."""
+    import torch
+
+    import fastrlhf
+
+    def shifted(vocab, dtype, entropy):
+        def run():
+            logits = torch.randn(2, 5, vocab).to(dtype).requires_grad_()
+            labels = torch.randint(0, vocab, (2, 4))
+            out = fastrlhf.logprobs(logits[:, :-1], labels, temperature=0.7, return_entropy=entropy)
+            torch.autograd.grad([o.sum() for o in (out if entropy else (out,))], logits)
+        return run
+
+    def linear(dtype):
+        def run():
+            hidden, weight = torch.randn(32, 64).to(dtype).requires_grad_(), torch.randn(32000, 64).to(dtype)
+            logp, entropy = fastrlhf.linear_logprobs(hidden, weight.requires_grad_(), torch.randint(0, 32000, (32,)),
+                                                     return_entropy=True)
+            torch.autograd.grad((logp.sum(), entropy.sum()), (hidden, weight))
+        return run
+
     cases = []
-    for dtype in ("fp32", "bf16"):
-        rows = {"labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "stride_row": "i64", "V": "i64",
-                "ignore_index": "i64", "vocab_start": "i64"}
-        forward = {"x_ptr": f"*{dtype}", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", **rows}
-        backward = {"x_ptr": f"*{dtype}", "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32",
-                    "grad_entropy_ptr": "*fp32", "out_ptr": f"*{dtype}", "stride_out": "i64", **rows}
-        cases.append((f"logprobs_forward {dtype} BLOCK_V={BLOCK_V}", logprobs_forward_kernel, forward,
-                      {"BLOCK_V": BLOCK_V}))
-        cases.append((f"logprobs_backward {dtype} BLOCK_V={BLOCK_V}", logprobs_backward_kernel, backward,
-                      {"HAS_ENTROPY": True, "BLOCK_V": BLOCK_V}))
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        cases += [(f"logprobs [2, 5, {vocab}][:, :-1] {name}{' entropy' if entropy else ''}",
+                   shifted(vocab, dtype, entropy)) for vocab, entropy in ((151936, True), (50257, False))]
+        cases.append((f"linear_logprobs N=32 H=64 V=32000 {name}", linear(dtype)))
     return cases

@@ -241,26 +241,44 @@ def reward_model_backward(grad_loss, factors, index, stats, chosen_mask, lm_coef
 
 
 def aot_cases():
-    """(name, kernel, signature, constexprs) for ahead-of-time compilation."""
-    cases = []
-    for dtype in ("fp32", "bf16"):
-        pairs = {"u_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "ref_u_ptr": f"*{dtype}", "ref_v_ptr": f"*{dtype}",
-                 "margin_ptr": f"*{dtype}", "lm_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
-                 "factors_ptr": "*fp32", "n": "i32", "beta": "fp32", "eps": "fp32", "rank": "fp32",
-                 "center": "fp32", "scale": "fp32", "lm_coef": "fp32"}
-        for loss_type in (SIGMOID, IPO, HINGE, ROBUST):
-            flags = {"LOSS_TYPE": loss_type.value, "REDUCTION": MEAN.value, "HAS_REF": True, "HAS_MARGIN": True,
-                     "HAS_CENTER": True, "HAS_LM": True, "BLOCK": PAIR_BLOCK}
-            cases.append((f"pairwise pairs_kernel {dtype} loss_type={loss_type.value}", pairs_kernel, pairs, flags))
-        block_b, block_t = _blocks(1024, 2048)
-        tiles = {"HAS_LM": True, "BLOCK_B": block_b, "BLOCK_T": block_t}
-        pool = {"chosen_ptr": f"*{dtype}", "rejected_ptr": f"*{dtype}", "chosen_mask_ptr": "*i1",
-                "rejected_mask_ptr": "*i1", "logprobs_ptr": "*fp32", "index_ptr": "*i64", "pooled_ptr": "*fp32",
-                "lm_ptr": "*fp32", "rows": "i32", "chosen_length": "i32", "rejected_length": "i32"}
-        cases.append((f"pairwise pool_kernel {dtype} BLOCK_B={block_b} BLOCK_T={block_t}", pool_kernel, pool, tiles))
-        scatter = {"grad_loss_ptr": "*fp32", "factors_ptr": "*fp32", "index_ptr": "*i64", "stats_ptr": "*fp32",
-                   "chosen_mask_ptr": "*i1", "grad_chosen_ptr": f"*{dtype}", "grad_rejected_ptr": f"*{dtype}",
-                   "grad_logprobs_ptr": "*fp32", "rows": "i32", "chosen_length": "i32", "rejected_length": "i32",
-                   "lm_coef": "fp32"}
-        cases.append((f"pairwise scatter_kernel {dtype} BLOCK_B={block_b} BLOCK_T={block_t}", scatter_kernel, scatter, tiles))
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: forward and backward of each pairwise loss as
+    trainers call it (DPO's four loss types with reference log-probs, the margin form, and the reward model
+    with its LM term), fp32 and bf16, so the compiled variants are those these launch."""
+    import fastrlhf
+
+    def leaves(count, shape, dtype):
+        return [torch.randn(shape).to(dtype).requires_grad_() for _ in range(count)]
+
+    def dpo(loss_type, dtype):
+        def run():
+            logps = leaves(4, 64, dtype)
+            loss, _ = fastrlhf.dpo_loss(*logps, beta=0.1, loss_type=loss_type)
+            torch.autograd.grad(loss, logps[:2])
+        return run
+
+    def pairwise(dtype):
+        def run():
+            chosen, rejected, margin = leaves(3, 64, dtype)
+            loss = fastrlhf.pairwise_sigmoid_loss(chosen, rejected, margin=margin, label_smoothing=0.1)
+            torch.autograd.grad(loss, (chosen, rejected, margin))
+        return run
+
+    def reward_model(dtype, lm):
+        def run():
+            chosen, rejected = leaves(2, (8, 300), dtype)
+            mask = torch.ones(8, 300, dtype=torch.bool)
+            logprobs = leaves(1, (8, 300), torch.float32)[0] if lm else None
+            loss, _ = fastrlhf.reward_model_loss(chosen, rejected, chosen_mask=mask, rejected_mask=mask,
+                                                 center_coef=0.01 if lm else 0.0, chosen_logprobs=logprobs,
+                                                 lm_coef=0.5 if lm else 0.0)
+            torch.autograd.grad(loss, (chosen, rejected, *([logprobs] if lm else [])))
+        return run
+
+    # bf16 for every loss; fp32 for the plain DPO and reward-model calls.
+    cases = [(f"dpo_loss B=64 {loss_type} bfloat16", dpo(loss_type, torch.bfloat16))
+             for loss_type in ("sigmoid", "ipo", "hinge", "robust")]
+    cases += [("pairwise_sigmoid_loss B=64 margin bfloat16", pairwise(torch.bfloat16)),
+              ("reward_model_loss B=8 T=300 bfloat16 center+lm", reward_model(torch.bfloat16, True)),
+              ("dpo_loss B=64 sigmoid float32", dpo("sigmoid", torch.float32)),
+              ("reward_model_loss B=8 T=300 float32", reward_model(torch.float32, False))]
     return cases

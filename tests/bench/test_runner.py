@@ -10,9 +10,9 @@ from fastrlhf.bench import runner
 from fastrlhf.bench.case import Case
 
 
-def small_case(same=None):
-    return Case("double", "n=1M", lambda: (torch.randn(2**20),), lambda x: x * 2,
-                {"slow": lambda x: x.clone().mul_(2)}, bytes_moved=8 * 2**20, same=same, x=2**20)
+def small_case(same=torch.testing.assert_close):
+    return Case("double", "n=1M", lambda: (torch.randn(2**20, generator=torch.Generator().manual_seed(0)),),
+                lambda x: x * 2, {"slow": lambda x: x.clone().mul_(2)}, bytes_moved=8 * 2**20, same=same, x=2**20)
 
 
 def test_measure_reports_time_speedup_memory_and_floor():
@@ -24,13 +24,19 @@ def test_measure_reports_time_speedup_memory_and_floor():
 
 
 def test_measure_refuses_a_wrong_fused_result():
-    def same(got, want):
-        torch.testing.assert_close(got, want)
-
-    bad = small_case(same)
+    bad = small_case()
     bad.fused = lambda x: x * 3
     with pytest.raises(AssertionError):
         runner.measure(bad, 1e10)
+
+
+def test_check_compares_an_in_place_op_on_its_own_inputs():
+    case = small_case()
+    case.fused = lambda x: x.mul_(2)  # overwrites its input: the baseline must not see the doubled one
+    case.check(case.fused)
+    case.fused = lambda x: x.mul_(3)
+    with pytest.raises(AssertionError):
+        case.check(case.fused)
 
 
 def test_table_json_and_plot(tmp_path, monkeypatch):
