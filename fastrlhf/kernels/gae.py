@@ -5,7 +5,8 @@ aligned to each sequence's end (forward) or start (backward), so loads are coale
 length works. Within a tile every chain is a linear recurrence ``x_t = a_t x_{t+1} + b_t``, solved by
 ``tl.associative_scan`` over the affine maps ``(a, b)``; the value at the tile's edge is carried into the
 next tile. Masked positions, positions outside a sequence and ``dones`` cuts are all expressed through
-``(a, b)``: an identity map ``(1, 0)`` makes a position transparent, ``a = 0`` cuts the chain.
+``(a, b)``: an identity map ``(1, 0)`` makes a position transparent, ``a = CUT`` cuts the chain (selects,
+so NaN or inf beyond a cut never crosses it).
 
 Short sequences (T <= ``BLOCK_T``) get one tile and many sequences per program; long ones get few
 sequences per program and many tiles, so both keep a program's tile near 2k elements.
@@ -22,10 +23,24 @@ MAX_BLOCK_T = 1024
 NUM_WARPS = 8
 
 
+# A position's map is x -> a x + b, or, where the chain is cut (a dones boundary, or a step that replaces
+# the carried value), the constant x -> b, encoded as a = CUT. Valid coefficients are >= 0 (gamma and lam
+# in [0, 1]; invalid ones are NaN), so the sign tells the two apart. A cut selects instead of multiplying
+# by 0: 0 * NaN is NaN, and NaN or inf on the far side of a cut must not reach this side.
+CUT = tl.constexpr(-1.0)
+
+
 @triton.jit
 def _compose(a_acc, b_acc, a, b):
     # The map accumulated from the scan's origin, then this position's map: x = a (a_acc c + b_acc) + b.
-    return a_acc * a, b_acc * a + b
+    cut = a < 0
+    return tl.where(cut | (a_acc < 0), CUT, a_acc * a), tl.where(cut, b, b_acc * a + b)
+
+
+@triton.jit
+def _apply(a, b, carry):
+    """The composed map ``(a, b)`` applied to the value carried in from the previous tile."""
+    return tl.where(a < 0, b, a * carry[:, None] + b)
 
 
 @triton.jit
@@ -95,20 +110,19 @@ def gae_forward_kernel(r_ptr, v_ptr, mask_ptr, dones_ptr, boot_ptr, offsets_ptr,
         nxt_inside = inside & (nxt < end[:, None])
         keep1, step1, cut1 = _flags(mask_ptr, dones_ptr, nxt, nxt_inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
         value1 = _value(v_ptr, nxt, nxt_inside, keep1, ZERO_MASKED, ACC)
-        a = tl.where(step1 | cut1, 0.0, 1.0).to(ACC)
+        a = tl.where(step1 | cut1, CUT, 1.0).to(ACC)
         b = tl.where(step1, value1, 0.0)
         na, nb = tl.associative_scan((a, b), 1, _compose, reverse=True)
-        after = na * next_value[:, None] + nb
+        after = _apply(na, nb, next_value)
         seen = tl.where(cut, 0.0, after)
 
         delta = tl.where(step, reward + gamma[:, None] * seen - value, 0.0)
-        keep_chain = tl.where(cut, 0.0, 1.0).to(ACC)
-        a = keep_chain * tl.where(step, gl[:, None], 1.0)
+        a = tl.where(cut, CUT, tl.where(step, gl[:, None], 1.0)).to(ACC)
         aa, ab = tl.associative_scan((a, delta), 1, _compose, reverse=True)
-        adv = aa * adv_carry[:, None] + ab
-        a = keep_chain * tl.where(step, gl_r[:, None], 1.0)
+        adv = _apply(aa, ab, adv_carry)
+        a = tl.where(cut, CUT, tl.where(step, gl_r[:, None], 1.0)).to(ACC)
         ra, rb = tl.associative_scan((a, delta), 1, _compose, reverse=True)
-        adv_r = ra * adv_r_carry[:, None] + rb
+        adv_r = _apply(ra, rb, adv_r_carry)
 
         tl.store(adv_ptr + pos, adv.to(adv_ptr.dtype.element_ty), mask=inside)
         tl.store(ret_ptr + pos, (adv_r + value).to(ret_ptr.dtype.element_ty), mask=inside)
@@ -148,21 +162,19 @@ def gae_backward_kernel(ga_ptr, gr_ptr, mask_ptr, dones_ptr, offsets_ptr, gamma_
         prv = pos - 1
         prv_inside = inside & (prv >= start[:, None])
         _, step0, cut0 = _flags(mask_ptr, dones_ptr, prv, prv_inside, HAS_MASK, HAS_DONES, ZERO_MASKED)
-        link = tl.where(cut0, 0.0, 1.0).to(ACC)
-        a = tl.where(inside, link * tl.where(step0, gl[:, None], 1.0), 1.0)
+        a = tl.where(inside, tl.where(cut0, CUT, tl.where(step0, gl[:, None], 1.0)), 1.0).to(ACC)
         aa, ab = tl.associative_scan((a, g_adv), 1, _compose)
-        h_adv = aa * adv_carry[:, None] + ab
-        a = tl.where(inside, link * tl.where(step0, gl_r[:, None], 1.0), 1.0)
+        h_adv = _apply(aa, ab, adv_carry)
+        a = tl.where(inside, tl.where(cut0, CUT, tl.where(step0, gl_r[:, None], 1.0)), 1.0).to(ACC)
         ra, rb = tl.associative_scan((a, g_ret), 1, _compose)
-        h_adv_r = ra * adv_r_carry[:, None] + rb
+        h_adv_r = _apply(ra, rb, adv_r_carry)
         g_delta = tl.where(step, h_adv + h_adv_r, 0.0)
 
         # u_t: the next-value adjoint that t passes to t + 1 (gamma * g_delta at a step, else relayed).
-        open_ = tl.where(cut, 0.0, 1.0).to(ACC)
-        a = tl.where(inside, open_ * tl.where(step, 0.0, 1.0), 1.0)
-        b = open_ * gamma[:, None] * g_delta
+        a = tl.where(inside & (cut | step), CUT, 1.0).to(ACC)
+        b = tl.where(cut, 0.0, gamma[:, None] * g_delta)
         ua, ub = tl.associative_scan((a, b), 1, _compose)
-        u = ua * value_carry[:, None] + ub
+        u = _apply(ua, ub, value_carry)
         # A value at t receives u_{t-1}: shift u by one position through the grad_values buffer.
         tl.store(grad_v_ptr + pos, u.to(grad_v_ptr.dtype.element_ty), mask=inside)
         tl.debug_barrier()

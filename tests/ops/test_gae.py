@@ -196,6 +196,40 @@ def test_nan_stays_in_its_sequence(kernel_backend):
         torch.testing.assert_close(ret[row], clean[1][row])
 
 
+@pytest.mark.parametrize("where", ["reward", "value"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_does_not_cross_a_done(kernel_backend, where, bad):
+    """A NaN or inf in a later episode leaves the earlier episode of its row finite and equal to the C++
+    result; a NaN upstream gradient in an earlier episode leaves the later episode's gradients alone."""
+    r, v, mask, _, boot = inputs(2, 70, seed=24)
+    dones = torch.zeros(2, 70, dtype=torch.bool)
+    dones[:, 29] = True  # episodes [0, 30) and [30, 70) in each row
+    mask[:, 30:40] = True
+    (r if where == "reward" else v)[0, 35] = bad
+    kw = dict(dones=dones, bootstrap_value=boot, gamma=0.9, lam=0.8, returns_lam=0.7)
+    leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
+    with backend.use_backend("cpp"):
+        want = fastrlhf.gae(r, v, mask, **kw)
+    for got, exact in zip((adv, ret), want):
+        assert got[0, :30].isfinite().all()
+        torch.testing.assert_close(got[:, :30], exact[:, :30])
+        torch.testing.assert_close(got[1], exact[1])
+    upstream = torch.randn(2, 2, 70, generator=torch.Generator().manual_seed(2), dtype=F64)
+    upstream[:, 0, 10] = bad
+    grads = torch.autograd.grad((adv * upstream[0] + ret * upstream[1]).sum(), leaves)
+    for g in grads[:2]:
+        assert g[0, 30:].isfinite().all() and g[1].isfinite().all()
+    assert grads[2].isfinite().all(), "bootstrap_value's gradient"
+    clean = upstream.clone()
+    clean[:, 0, :30] = 0
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
+    want = torch.autograd.grad((adv * clean[0] + ret * clean[1]).sum(), leaves)
+    for g, exact in zip(grads[:2], want):
+        torch.testing.assert_close(g[:, 30:], exact[:, 30:])
+    torch.testing.assert_close(grads[2], want[2])
+
+
 @pytest.mark.parametrize("mask_mode", ["skip", "zero"])
 def test_gradcheck(kernel_backend, mask_mode):
     r, v, mask, dones, boot = inputs(3, 9, seed=16, done_rate=0.2)
@@ -307,3 +341,4 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(backend.importlib, "import_module", no_extension)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         backend.cpp_ops()
+
