@@ -379,3 +379,30 @@ BAD = [
 def test_bad_input_names_the_argument(name, call, error):
     with pytest.raises(error, match=name):
         call()
+
+
+def test_pairs_spread_over_programs_with_a_fixed_order_reduction(monkeypatch):
+    """1000 pairs run on several programs of pairs_kernel, whose partial sums one program adds in a fixed
+    order: the loss and statistics match the reference and repeat bit for bit."""
+    from fastrlhf.kernels import pairwise as kernels
+
+    grids = []
+    launch = kernels.pairs_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+
+    monkeypatch.setattr(kernels, "pairs_kernel", Recorded())
+    chosen, rejected, margin = (randn(1000, seed=k) for k in range(3))
+    with backend.use_backend("triton"):
+        got = [fastrlhf.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7) for _ in range(2)]
+        stats = fastrlhf.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    assert grids[0] == (math.ceil(1000 / kernels.PAIR_BLOCK),) and grids[0][0] > 1
+    want = reference.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7)
+    torch.testing.assert_close(got[0], want)
+    assert torch.equal(got[0], got[1])
+    want_stats = reference.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, msg=name)
