@@ -342,3 +342,61 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         backend.cpp_ops()
 
+
+def _direct_forward_args(n=12, rows=3):
+    """Valid arguments of ``torch.ops.fastrlhf_cpp.gae_forward`` for ``rows`` sequences of ``n // rows``."""
+    g = torch.Generator().manual_seed(25)
+    r, v = torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    return {"rewards": r, "values": v, "mask": torch.ones(n, dtype=torch.bool), "dones": torch.zeros(n, dtype=torch.bool),
+            "bootstrap_value": torch.zeros(rows, dtype=F64), "offsets": torch.arange(0, n + 1, n // rows),
+            "gamma": torch.full((rows,), 0.9, dtype=F64), "lam": torch.full((rows,), 0.8, dtype=F64),
+            "returns_lam": None, "zero_masked": False, "advantages": torch.empty_like(r), "returns": torch.empty_like(r)}
+
+
+BAD_DIRECT = [
+    ("offsets", {"offsets": torch.tensor([0.0, 12.0])}),
+    ("offsets", {"offsets": torch.tensor([0, 4, 2, 12])}),
+    ("offsets", {"offsets": torch.tensor([0, 4, 8, 13])}),
+    ("offsets", {"offsets": torch.tensor([-1, 4, 8, 12])}),
+    ("offsets", {"offsets": torch.tensor([[0, 4], [8, 12]])}),
+    ("gamma", {"gamma": torch.full((2,), 0.9, dtype=F64)}),
+    ("gamma", {"gamma": torch.full((3,), 0.9)}),
+    ("lam", {"lam": torch.full((4,), 0.9, dtype=F64)}),
+    ("returns_lam", {"returns_lam": torch.full((2,), 0.9, dtype=F64)}),
+    ("mask", {"mask": torch.ones(12, dtype=torch.int32)}),
+    ("mask", {"mask": torch.ones(11, dtype=torch.bool)}),
+    ("dones", {"dones": torch.zeros(24, dtype=torch.bool)[::2]}),
+    ("values", {"values": torch.zeros(12)}),
+    ("values", {"values": torch.zeros(24, dtype=F64)[::2]}),
+    ("advantages", {"advantages": torch.empty(12)}),
+    ("returns", {"returns": torch.empty(13, dtype=F64)}),
+    ("bootstrap_value", {"bootstrap_value": torch.zeros(4, dtype=F64)}),
+    ("rewards", {"rewards": torch.zeros(12, dtype=torch.int64)}),
+]
+
+
+@pytest.mark.parametrize("name,bad", BAD_DIRECT, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_DIRECT)])
+def test_cpp_forward_checks_every_argument(name, bad):
+    """A direct call of the C++ op with a bad argument raises, naming it (never reads out of bounds)."""
+    args = {**_direct_forward_args(), **bad}
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().gae_forward(*args.values())
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("grad_bootstrap", {"grad_bootstrap": torch.empty(3)}),
+    ("grad_bootstrap", {"grad_bootstrap": torch.empty(2, dtype=F64)}),
+    ("grad_returns", {"grad_returns": torch.zeros(12)}),
+    ("grad_values", {"grad_values": torch.zeros(11, dtype=F64)}),
+    ("offsets", {"offsets": torch.tensor([0, 8, 4, 12])}),
+])
+def test_cpp_backward_checks_every_argument(name, bad):
+    f = _direct_forward_args()
+    args = {"grad_advantages": f["rewards"], "grad_returns": f["values"], "mask": f["mask"], "dones": f["dones"],
+            "offsets": f["offsets"], "gamma": f["gamma"], "lam": f["lam"], "returns_lam": None, "zero_masked": False,
+            "grad_rewards": torch.empty(12, dtype=F64), "grad_values": torch.empty(12, dtype=F64),
+            "grad_bootstrap": torch.empty(3, dtype=F64)}
+    backend.cpp_ops().gae_backward(*args.values())  # the valid call runs
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().gae_backward(*{**args, **bad}.values())
+

@@ -68,3 +68,31 @@ def test_bad_input_names_the_argument():
         fastrlhf.masked_whiten(x, mask[:1])
     with pytest.raises(ValueError, match="mask: expected at least 2"):
         fastrlhf.masked_whiten(x, torch.zeros_like(mask))
+
+
+def test_cpp_ops_check_every_argument():
+    """Direct calls of the C++ ops with a bad argument raise RuntimeError naming it."""
+    cpp = fastrlhf.backend.cpp_ops()
+    x, mask = inputs(3, 4, seed=27, dtype=torch.float64)
+    out = torch.empty_like(x)
+    for name, call in [
+        ("x", lambda: cpp.masked_whiten_forward(x.long(), mask, True, 1e-8, out)),
+        ("x", lambda: cpp.masked_whiten_forward(x.T, mask, True, 1e-8, out)),
+        ("mask", lambda: cpp.masked_whiten_forward(x, mask.int(), True, 1e-8, out)),
+        ("mask", lambda: cpp.masked_whiten_forward(x, mask[:2], True, 1e-8, out)),
+        ("out", lambda: cpp.masked_whiten_forward(x, mask, True, 1e-8, out.float())),
+        ("out", lambda: cpp.masked_whiten_forward(x, mask, True, 1e-8, out[:2])),
+    ]:
+        with pytest.raises(RuntimeError, match=name):
+            call()
+    stats = cpp.masked_whiten_forward(x, mask, True, 1e-8, out)
+    grad = torch.randn_like(x)
+    for name, call in [
+        ("stats", lambda: cpp.masked_whiten_backward(grad, x, mask, stats[:1], True, out)),
+        ("stats", lambda: cpp.masked_whiten_backward(grad, x, mask, stats.float(), True, out)),
+        ("grad", lambda: cpp.masked_whiten_backward(grad.float(), x, mask, stats, True, out)),
+        ("grad_x", lambda: cpp.masked_whiten_backward(grad, x, mask, stats, True, out[:, :2])),
+    ]:
+        with pytest.raises(RuntimeError, match=name):
+            call()
+
