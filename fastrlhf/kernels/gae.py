@@ -21,6 +21,8 @@ TILE_ELEMENTS = 2048
 MAX_BLOCK_T = 1024
 # 8 positions per thread: five fp32 chains per position stay in registers without spilling.
 NUM_WARPS = 8
+# Offsets validated per step of the check every program makes of the whole offsets tensor.
+OFFSET_BLOCK = 1024
 
 
 # A position's map is x -> a x + b, or, where the chain is cut (a dones boundary, or a step that replaces
@@ -28,6 +30,7 @@ NUM_WARPS = 8
 # in [0, 1]; invalid ones are NaN), so the sign tells the two apart. A cut selects instead of multiplying
 # by 0: 0 * NaN is NaN, and NaN or inf on the far side of a cut must not reach this side.
 CUT = tl.constexpr(-1.0)
+NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -47,6 +50,34 @@ def _apply(a, b, carry):
 def _edge(x, j, edge: tl.constexpr):
     """The value of each row of ``x`` at tile column ``edge`` (a [BLOCK_S] vector)."""
     return tl.sum(tl.where(j[None, :] == edge, x, 0.0), axis=1)
+
+
+@triton.jit
+def _sequences(offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr, num_seqs, n, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """This program's sequences: ``seq`` (their ids), ``live``, ``start``/``end`` (clamped into [0, n]),
+    gamma, gamma * lam and gamma * returns_lam, and ``poisoned``: their outputs must be NaN.
+
+    Offsets are validated here, not on the host (that would be a device sync): if they do not run from 0
+    to n without decreasing, every sequence is poisoned. The first sequence then starts at 0 and the last
+    ends at n, so the clamped ranges still cover every element and none reaches outside. A sequence whose
+    coefficients lie outside [0, 1] is poisoned alone."""
+    seq = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    live = seq < num_seqs
+    broken = (tl.load(offsets_ptr) != 0) | (tl.load(offsets_ptr + num_seqs) != n)
+    for first in range(0, num_seqs, OFFSET_BLOCK):
+        i = first + tl.arange(0, OFFSET_BLOCK)
+        lo = tl.load(offsets_ptr + i, mask=i < num_seqs, other=0)
+        hi = tl.load(offsets_ptr + i + 1, mask=i < num_seqs, other=0)
+        broken |= tl.max((lo > hi).to(tl.int32), axis=0) != 0
+    start = tl.where(seq == 0, 0, tl.minimum(tl.maximum(tl.load(offsets_ptr + seq, mask=live, other=0), 0), n))
+    end = tl.where(seq == num_seqs - 1, n, tl.minimum(tl.maximum(tl.load(offsets_ptr + seq + 1, mask=live, other=0),
+                                                                 0), n))
+    end = tl.maximum(end, start)
+    gamma = tl.load(gamma_ptr + seq, mask=live, other=0.0).to(ACC)
+    lam = tl.load(lam_ptr + seq, mask=live, other=0.0).to(ACC)
+    lam_r = tl.load(lam_r_ptr + seq, mask=live, other=0.0).to(ACC)
+    coefficients_ok = (gamma >= 0) & (gamma <= 1) & (lam >= 0) & (lam <= 1) & (lam_r >= 0) & (lam_r <= 1)
+    return seq, live, start, end, gamma, gamma * lam, gamma * lam_r, broken | ~coefficients_ok
 
 
 @triton.jit
@@ -79,17 +110,12 @@ def _value(v_ptr, pos, inside, keep, ZERO_MASKED: tl.constexpr, ACC: tl.constexp
 
 @triton.jit
 def gae_forward_kernel(r_ptr, v_ptr, mask_ptr, dones_ptr, boot_ptr, offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
-                       adv_ptr, ret_ptr, num_seqs, HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr,
+                       adv_ptr, ret_ptr, num_seqs, n, HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr,
                        HAS_BOOT: tl.constexpr, ZERO_MASKED: tl.constexpr, BLOCK_S: tl.constexpr,
                        BLOCK_T: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if r_ptr.dtype.element_ty == tl.float64 else tl.float32
-    seq = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    live = seq < num_seqs
-    start = tl.load(offsets_ptr + seq, mask=live, other=0)
-    end = tl.load(offsets_ptr + seq + 1, mask=live, other=0)
-    gamma = tl.load(gamma_ptr + seq, mask=live, other=0.0).to(ACC)
-    gl = gamma * tl.load(lam_ptr + seq, mask=live, other=0.0).to(ACC)
-    gl_r = gamma * tl.load(lam_r_ptr + seq, mask=live, other=0.0).to(ACC)
+    seq, live, start, end, gamma, gl, gl_r, poisoned = _sequences(offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
+                                                                  num_seqs, n, BLOCK_S, ACC)
     if HAS_BOOT:
         next_value = tl.load(boot_ptr + seq, mask=live, other=0.0).to(ACC)
     else:
@@ -124,8 +150,9 @@ def gae_forward_kernel(r_ptr, v_ptr, mask_ptr, dones_ptr, boot_ptr, offsets_ptr,
         ra, rb = tl.associative_scan((a, delta), 1, _compose, reverse=True)
         adv_r = _apply(ra, rb, adv_r_carry)
 
-        tl.store(adv_ptr + pos, adv.to(adv_ptr.dtype.element_ty), mask=inside)
-        tl.store(ret_ptr + pos, (adv_r + value).to(ret_ptr.dtype.element_ty), mask=inside)
+        tl.store(adv_ptr + pos, tl.where(poisoned[:, None], NAN, adv).to(adv_ptr.dtype.element_ty), mask=inside)
+        tl.store(ret_ptr + pos, tl.where(poisoned[:, None], NAN, adv_r + value).to(ret_ptr.dtype.element_ty),
+                 mask=inside)
         # The next tile ends just before column 0: carry the chains' values there.
         next_value = _edge(after, j, 0)
         adv_carry = _edge(adv, j, 0)
@@ -134,17 +161,12 @@ def gae_forward_kernel(r_ptr, v_ptr, mask_ptr, dones_ptr, boot_ptr, offsets_ptr,
 
 @triton.jit
 def gae_backward_kernel(ga_ptr, gr_ptr, mask_ptr, dones_ptr, offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
-                        grad_r_ptr, grad_v_ptr, grad_b_ptr, num_seqs, HAS_MASK: tl.constexpr,
+                        grad_r_ptr, grad_v_ptr, grad_b_ptr, num_seqs, n, HAS_MASK: tl.constexpr,
                         HAS_DONES: tl.constexpr, ZERO_MASKED: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_T: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if ga_ptr.dtype.element_ty == tl.float64 else tl.float32
-    seq = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    live = seq < num_seqs
-    start = tl.load(offsets_ptr + seq, mask=live, other=0)
-    end = tl.load(offsets_ptr + seq + 1, mask=live, other=0)
-    gamma = tl.load(gamma_ptr + seq, mask=live, other=0.0).to(ACC)
-    gl = gamma * tl.load(lam_ptr + seq, mask=live, other=0.0).to(ACC)
-    gl_r = gamma * tl.load(lam_r_ptr + seq, mask=live, other=0.0).to(ACC)
+    seq, live, start, end, gamma, gl, gl_r, poisoned = _sequences(offsets_ptr, gamma_ptr, lam_ptr, lam_r_ptr,
+                                                                  num_seqs, n, BLOCK_S, ACC)
     adv_carry = tl.zeros([BLOCK_S], ACC)
     adv_r_carry = tl.zeros([BLOCK_S], ACC)
     value_carry = tl.zeros([BLOCK_S], ACC)
@@ -184,12 +206,15 @@ def gae_backward_kernel(ga_ptr, gr_ptr, mask_ptr, dones_ptr, offsets_ptr, gamma_
         g_value = g_ret + tl.where(step, u_prev - g_delta, 0.0)
         if ZERO_MASKED:
             g_value = tl.where(keep, g_value, 0.0)
-        tl.store(grad_r_ptr + pos, tl.where(keep, g_delta, 0.0).to(grad_r_ptr.dtype.element_ty), mask=inside)
+        g_reward = tl.where(poisoned[:, None], NAN, tl.where(keep, g_delta, 0.0))
+        tl.store(grad_r_ptr + pos, g_reward.to(grad_r_ptr.dtype.element_ty), mask=inside)
+        g_value = tl.where(poisoned[:, None], NAN, g_value)
         tl.store(grad_v_ptr + pos, g_value.to(grad_v_ptr.dtype.element_ty), mask=inside)
         grad_boot += tl.sum(tl.where(pos == end[:, None] - 1, u, 0.0), axis=1)
         adv_carry = _edge(h_adv, j, BLOCK_T - 1)
         adv_r_carry = _edge(h_adv_r, j, BLOCK_T - 1)
         value_carry = _edge(u, j, BLOCK_T - 1)
+    grad_boot = tl.where(poisoned, NAN, grad_boot)
     tl.store(grad_b_ptr + seq, grad_boot.to(grad_b_ptr.dtype.element_ty), mask=live)
 
 
@@ -213,7 +238,7 @@ def gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, l
     block_s, block_t = _blocks(rewards.numel(), rows)
     gae_forward_kernel[(triton.cdiv(rows, block_s),)](
         rewards, values, _optional(mask, rewards), _optional(dones, rewards), _optional(bootstrap_value, rewards),
-        offsets, gamma, lam, _optional(returns_lam, lam), advantages, returns, rows,
+        offsets, gamma, lam, _optional(returns_lam, lam), advantages, returns, rows, rewards.numel(),
         HAS_MASK=mask is not None, HAS_DONES=dones is not None, HAS_BOOT=bootstrap_value is not None,
         ZERO_MASKED=zero_masked, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
 
@@ -226,6 +251,7 @@ def gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam
     gae_backward_kernel[(triton.cdiv(rows, block_s),)](
         grad_advantages, grad_returns, _optional(mask, grad_advantages), _optional(dones, grad_advantages),
         offsets, gamma, lam, _optional(returns_lam, lam), grad_rewards, grad_values, grad_bootstrap, rows,
+        grad_advantages.numel(),
         HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked,
         BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
 
@@ -237,7 +263,7 @@ def aot_cases():
         for block_s, block_t in (_blocks(256 * 512, 256), _blocks(16 * 16384, 16)):
             flags = {"HAS_MASK": True, "HAS_DONES": True, "ZERO_MASKED": False, "BLOCK_S": block_s, "BLOCK_T": block_t}
             common = {"mask_ptr": "*i1", "dones_ptr": "*i1", "offsets_ptr": "*i64", "gamma_ptr": "*fp32",
-                      "lam_ptr": "*fp32", "lam_r_ptr": "*fp32", "num_seqs": "i32"}
+                      "lam_ptr": "*fp32", "lam_r_ptr": "*fp32", "num_seqs": "i32", "n": "i32"}
             forward = {"r_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "boot_ptr": f"*{dtype}", "adv_ptr": f"*{dtype}",
                        "ret_ptr": f"*{dtype}", **common}
             backward = {"ga_ptr": f"*{dtype}", "gr_ptr": f"*{dtype}", "grad_r_ptr": f"*{dtype}",

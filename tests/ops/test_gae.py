@@ -400,3 +400,61 @@ def test_cpp_backward_checks_every_argument(name, bad):
     with pytest.raises(RuntimeError, match=name):
         backend.cpp_ops().gae_backward(*{**args, **bad}.values())
 
+
+BAD_OFFSETS = [[0, 5, 3, 12], [0, 5, 11], [2, 12], [0, 5, 20], [-3, 5, 12], [0, 13, 12]]
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS, ids=str)
+def test_bad_offsets_unchecked_poison_every_output(kernel_backend, unchecked_values, offsets):
+    """Without value checks (CUDA's default: no host sync) the Triton kernel makes every output NaN and
+    touches nothing outside the N elements; the C++ kernel refuses the offsets itself."""
+    r, v, mask, dones, _ = inputs(1, 12, seed=26)
+    cu = torch.tensor(offsets)
+    args = (r.view(-1), v.view(-1), mask.view(-1))
+    kw = dict(dones=dones.view(-1), cu_seqlens=cu, gamma=0.9, lam=0.8)
+    if kernel_backend == "cpp":
+        with pytest.raises(RuntimeError, match="offsets"):
+            fastrlhf.gae(*args, **kw)
+        return
+    leaves = [x.clone().requires_grad_() for x in args[:2]]
+    adv, ret = fastrlhf.gae(*leaves, args[2], **kw)
+    assert adv.isnan().all() and ret.isnan().all()
+    grads = torch.autograd.grad((adv + ret).sum(), leaves)
+    assert all(g.isnan().all() for g in grads)
+
+
+def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kernel_backend, unchecked_values):
+    r, v, mask, dones, boot = inputs(3, 20, seed=27)
+    gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
+    if kernel_backend == "cpp":
+        with pytest.raises(RuntimeError, match="gamma"):
+            fastrlhf.gae(r, v, mask, gamma=gamma)
+        return
+    leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
+                            lam=torch.tensor([0.9, 0.9, -0.1], dtype=F64))
+    want = reference.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=gamma, lam=0.9)
+    for got, exact in zip((adv, ret), want):
+        assert got[1:].isnan().all()
+        torch.testing.assert_close(got[0], exact[0])
+    grads = torch.autograd.grad((adv + ret).sum(), leaves)
+    for g in grads:
+        assert g[1:].isnan().all() and g[0].isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    r, v, mask, dones, boot = (x.cuda() for x in inputs(4, 300, dtype=torch.float32, seed=28))
+    cu = torch.tensor([0, 100, 100, 700, 1200], device="cuda")
+    gamma = torch.full((4,), 0.9, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+        adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
+                                lam=0.95)
+        torch.autograd.grad((adv + ret).sum(), leaves)
+        fastrlhf.gae(r.view(-1), v.view(-1), mask.view(-1), cu_seqlens=cu, gamma=gamma, lam=0.9)
+        fastrlhf.masked_whiten(adv, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

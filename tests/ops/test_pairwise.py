@@ -381,33 +381,6 @@ def test_bad_input_names_the_argument(name, call, error):
         call()
 
 
-def test_pairs_spread_over_programs_with_a_fixed_order_reduction(monkeypatch):
-    """1000 pairs run on several programs of pairs_kernel, whose partial sums one program adds in a fixed
-    order: the loss and statistics match the reference and repeat bit for bit."""
-    from fastrlhf.kernels import pairwise as kernels
-
-    grids = []
-    launch = kernels.pairs_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return launch[grid]
-
-    monkeypatch.setattr(kernels, "pairs_kernel", Recorded())
-    chosen, rejected, margin = (randn(1000, seed=k) for k in range(3))
-    with backend.use_backend("triton"):
-        got = [fastrlhf.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7) for _ in range(2)]
-        stats = fastrlhf.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
-    assert grids[0] == (math.ceil(1000 / kernels.PAIR_BLOCK),) and grids[0][0] > 1
-    want = reference.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7)
-    torch.testing.assert_close(got[0], want)
-    assert torch.equal(got[0], got[1])
-    want_stats = reference.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
-    for name, value in want_stats.items():
-        torch.testing.assert_close(stats[name], value, msg=name)
-
-
 def _direct_reward_model(rows=3, length=4):
     """Valid arguments of ``torch.ops.fastrlhf_cpp.reward_model_forward`` and ``_backward``, as dicts."""
     chosen, rejected, chosen_mask, rejected_mask, logprobs = reward_inputs(rows, length, 36, "right")
@@ -489,3 +462,54 @@ def test_cpp_pairwise_forward_checks_every_argument(name, bad):
     with pytest.raises(RuntimeError, match=name):
         backend.cpp_ops().pairwise_forward(*{**args, **bad}.values())
 
+
+def test_a_row_with_no_unmasked_token_unchecked_gives_nan(kernel_backend, unchecked_values):
+    """Without value checks (CUDA's default: no host sync) the row's reward is NaN, and so is the loss."""
+    chosen, rejected, chosen_mask, rejected_mask, _ = reward_inputs(4, 10, 34, "right")
+    rejected_mask[2] = False
+    loss, stats = fastrlhf.reward_model_loss(chosen, rejected, chosen_mask=chosen_mask, rejected_mask=rejected_mask)
+    assert loss.isnan() and stats["rejected_reward"].isnan()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    chosen, rejected, chosen_mask, rejected_mask, logprobs = (
+        t.cuda() for t in reward_inputs(8, 30, 37, "left", torch.float32))
+    pairs = [randn(64, seed=k, dtype=torch.float32).cuda().requires_grad_() for k in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = fastrlhf.reward_model_loss(chosen.requires_grad_(), rejected, chosen_mask=chosen_mask,
+                                             rejected_mask=rejected_mask, chosen_logprobs=logprobs, lm_coef=0.1)
+        loss.backward()
+        fastrlhf.dpo_loss(*pairs, beta=0.1)[0].backward()
+        fastrlhf.pairwise_sigmoid_loss(*pairs[:2], margin=0.5).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_pairs_spread_over_programs_with_a_fixed_order_reduction(monkeypatch):
+    """1000 pairs run on several programs of pairs_kernel, whose partial sums one program adds in a fixed
+    order: the loss and statistics match the reference and repeat bit for bit."""
+    from fastrlhf.kernels import pairwise as kernels
+
+    grids = []
+    launch = kernels.pairs_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+
+    monkeypatch.setattr(kernels, "pairs_kernel", Recorded())
+    chosen, rejected, margin = (randn(1000, seed=k) for k in range(3))
+    with backend.use_backend("triton"):
+        got = [fastrlhf.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7) for _ in range(2)]
+        stats = fastrlhf.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    assert grids[0] == (math.ceil(1000 / kernels.PAIR_BLOCK),) and grids[0][0] > 1
+    want = reference.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7)
+    torch.testing.assert_close(got[0], want)
+    assert torch.equal(got[0], got[1])
+    want_stats = reference.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, msg=name)
