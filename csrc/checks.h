@@ -1,5 +1,7 @@
-// Defensive checks at the C++ boundary. Python validates arguments first with friendlier messages;
-// these keep the kernels from reading out of bounds when they are called directly or under compile.
+// Checks at the C++ boundary. Python validates arguments first with friendlier messages; these keep the
+// kernels from reading or writing out of bounds when they are called directly (torch.ops.fastrlhf_cpp.*)
+// or under compile: every entry checks each tensor it reads or writes (device, dtype, layout, sizes and,
+// where a value becomes an address, its range). Each failure raises RuntimeError naming the argument.
 //
 // Also the one set of torch headers every kernel file needs: tensors, the few factory functions the
 // kernels call, dtype dispatch and op registration. Not <torch/extension.h>, which pulls in the whole C++
@@ -26,6 +28,17 @@ inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* 
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_numel(const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " elements, got ", t.numel());
+}
+
+// A contiguous CPU tensor of `dtype` with `numel` elements.
+inline void check_flat(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  check_cpu_contiguous(t, name);
+  check_dtype(t, dtype, name);
+  check_numel(t, numel, name);
 }
 
 }  // namespace fastrlhf

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "checks.h"
 
@@ -38,27 +39,32 @@ Coefficients<acc_t> coefficients(const c10::optional<at::Tensor>& mask, const c1
   const int64_t rows = offsets.numel() - 1;
   check_cpu_contiguous(offsets, "offsets");
   check_dtype(offsets, at::kLong, "offsets");
-  TORCH_CHECK(rows >= 0, "offsets: expected at least one element");
+  TORCH_CHECK(offsets.dim() == 1 && rows >= 0, "offsets: expected a 1-D tensor of at least one element, got shape ",
+              offsets.sizes());
   const int64_t* o = offsets.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[rows] == n, "offsets: expected to run from 0 to ", n, ", got ", o[0], " to ", o[rows]);
-  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values");
-  for (const at::Tensor* t : {&gamma, &lam}) {
-    check_cpu_contiguous(*t, "gamma/lam");
-    check_dtype(*t, c10::CppTypeToScalarType<acc_t>::value, "gamma/lam");
-    TORCH_CHECK(t->numel() == rows, "gamma/lam: expected ", rows, " values, got ", t->numel());
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values, got ", o[i], " then ", o[i + 1]);
   }
+  constexpr auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  check_flat(gamma, acc, rows, "gamma");
+  check_flat(lam, acc, rows, "lam");
   auto flag = [n](const c10::optional<at::Tensor>& t, const char* name) -> const bool* {
     if (!t) return nullptr;
-    check_cpu_contiguous(*t, name);
-    check_dtype(*t, at::kBool, name);
-    TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
+    check_flat(*t, at::kBool, n, name);
     return t->data_ptr<bool>();
   };
   const acc_t* lam_r = lam.data_ptr<acc_t>();
   if (returns_lam) {
-    check_like(*returns_lam, lam, "returns_lam");
-    check_dtype(*returns_lam, lam.scalar_type(), "returns_lam");
+    check_flat(*returns_lam, acc, rows, "returns_lam");
     lam_r = returns_lam->data_ptr<acc_t>();
+  }
+  const std::pair<const acc_t*, const char*> unit_interval[] = {
+      {gamma.data_ptr<acc_t>(), "gamma"}, {lam.data_ptr<acc_t>(), "lam"}, {lam_r, "returns_lam"}};
+  for (const auto& [x, name] : unit_interval) {
+    for (int64_t i = 0; i < rows; ++i) {
+      TORCH_CHECK(x[i] >= 0 && x[i] <= 1, name, ": expected values in [0, 1], got ", x[i], " for sequence ", i);
+    }
   }
   return {gamma.data_ptr<acc_t>(), lam.data_ptr<acc_t>(), lam_r, flag(mask, "mask"), flag(dones, "dones"), o,
           rows, zero_masked};
@@ -202,18 +208,18 @@ void gae_forward(const at::Tensor& rewards, const at::Tensor& values, const c10:
                  const c10::optional<at::Tensor>& returns_lam, bool zero_masked, at::Tensor& advantages,
                  at::Tensor& returns) {
   check_cpu_contiguous(rewards, "rewards");
-  check_like(values, rewards, "values");
-  check_dtype(values, rewards.scalar_type(), "values");
-  check_like(advantages, rewards, "advantages");
-  check_like(returns, rewards, "returns");
+  TORCH_CHECK(at::isFloatingType(rewards.scalar_type()), "rewards: expected a floating dtype, got ",
+              rewards.scalar_type());
+  const std::pair<const at::Tensor*, const char*> like_rewards[] = {
+      {&values, "values"}, {&advantages, "advantages"}, {&returns, "returns"}};
+  for (const auto& [t, name] : like_rewards) {
+    check_like(*t, rewards, name);
+    check_dtype(*t, rewards.scalar_type(), name);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto c = coefficients<acc_t>(mask, dones, offsets, gamma, lam, returns_lam, zero_masked, rewards.numel());
-    if (bootstrap_value) {
-      check_cpu_contiguous(*bootstrap_value, "bootstrap_value");
-      check_dtype(*bootstrap_value, rewards.scalar_type(), "bootstrap_value");
-      TORCH_CHECK(bootstrap_value->numel() == c.rows, "bootstrap_value: expected ", c.rows, " values");
-    }
+    if (bootstrap_value) check_flat(*bootstrap_value, rewards.scalar_type(), c.rows, "bootstrap_value");
     forward_impl<scalar_t>(rewards, values, bootstrap_value, c, advantages, returns);
   });
 }
@@ -224,16 +230,19 @@ void gae_backward(const at::Tensor& grad_advantages, const at::Tensor& grad_retu
                   const c10::optional<at::Tensor>& returns_lam, bool zero_masked, at::Tensor& grad_rewards,
                   at::Tensor& grad_values, at::Tensor& grad_bootstrap) {
   check_cpu_contiguous(grad_advantages, "grad_advantages");
-  check_like(grad_returns, grad_advantages, "grad_returns");
-  check_dtype(grad_returns, grad_advantages.scalar_type(), "grad_returns");
-  check_like(grad_rewards, grad_advantages, "grad_rewards");
-  check_like(grad_values, grad_advantages, "grad_values");
+  TORCH_CHECK(at::isFloatingType(grad_advantages.scalar_type()), "grad_advantages: expected a floating dtype, got ",
+              grad_advantages.scalar_type());
+  const std::pair<const at::Tensor*, const char*> like_grad[] = {
+      {&grad_returns, "grad_returns"}, {&grad_rewards, "grad_rewards"}, {&grad_values, "grad_values"}};
+  for (const auto& [t, name] : like_grad) {
+    check_like(*t, grad_advantages, name);
+    check_dtype(*t, grad_advantages.scalar_type(), name);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_advantages.scalar_type(), "gae_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto c =
         coefficients<acc_t>(mask, dones, offsets, gamma, lam, returns_lam, zero_masked, grad_advantages.numel());
-    check_cpu_contiguous(grad_bootstrap, "grad_bootstrap");
-    TORCH_CHECK(grad_bootstrap.numel() == c.rows, "grad_bootstrap: expected ", c.rows, " values");
+    check_flat(grad_bootstrap, grad_advantages.scalar_type(), c.rows, "grad_bootstrap");
     backward_impl<scalar_t>(grad_advantages, grad_returns, c, grad_rewards, grad_values, grad_bootstrap);
   });
 }

@@ -110,14 +110,21 @@ const scalar_t* data_or_null(const c10::optional<at::Tensor>& t, const at::Tenso
   return t->data_ptr<scalar_t>();
 }
 
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating dtype, got ", t.scalar_type());
+}
+
+// The accumulation dtype of the outputs and of the saved factors: fp64 for fp64 inputs, else fp32.
+void check_acc_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": expected dtype float or double, got ", t.scalar_type());
+}
+
 void check_outputs(const at::Tensor& loss, const at::Tensor& stats, const at::Tensor& factors, int64_t n,
-                   at::ScalarType acc) {
-  for (const at::Tensor* t : {&loss, &stats, &factors}) {
-    check_cpu_contiguous(*t, "outputs");
-    check_dtype(*t, acc, "outputs");
-  }
-  TORCH_CHECK(stats.numel() == NUM_STATS, "stats: expected ", NUM_STATS, " elements");
-  TORCH_CHECK(factors.numel() == 2 * n, "factors: expected ", 2 * n, " elements");
+                   int64_t loss_numel, at::ScalarType acc) {
+  check_flat(loss, acc, loss_numel, "loss");
+  check_flat(stats, acc, NUM_STATS, "stats");
+  check_flat(factors, acc, 2 * n, "factors");
 }
 
 void pairwise_forward(const at::Tensor& chosen, const at::Tensor& rejected,
@@ -126,15 +133,17 @@ void pairwise_forward(const at::Tensor& chosen, const at::Tensor& rejected,
                       int64_t loss_type, int64_t reduction, double reward_scale, at::Tensor& loss,
                       at::Tensor& stats, at::Tensor& factors) {
   check_cpu_contiguous(chosen, "chosen");
+  check_floating(chosen, "chosen");
   check_like(rejected, chosen, "rejected");
   check_dtype(rejected, chosen.scalar_type(), "rejected");
   const int64_t n = chosen.numel();
   TORCH_CHECK(n > 0, "chosen: expected at least one pair");
-  TORCH_CHECK(loss.numel() == (reduction == NONE ? n : 1), "loss: wrong number of elements");
+  TORCH_CHECK(loss_type >= SIGMOID && loss_type <= ROBUST, "loss_type: expected a code in [0, 3], got ", loss_type);
+  TORCH_CHECK(reduction >= NONE && reduction <= SUM, "reduction: expected a code in [0, 2], got ", reduction);
   const Options o{beta, label_smoothing, 1.0, 0.0, reward_scale, loss_type, reduction};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, chosen.scalar_type(), "pairwise_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    check_outputs(loss, stats, factors, n, c10::CppTypeToScalarType<acc_t>::value);
+    check_outputs(loss, stats, factors, n, reduction == NONE ? n : 1, c10::CppTypeToScalarType<acc_t>::value);
     const scalar_t* a = chosen.data_ptr<scalar_t>();
     const scalar_t* b = rejected.data_ptr<scalar_t>();
     const scalar_t* ra = data_or_null<scalar_t>(ref_chosen, chosen, "ref_chosen");
@@ -206,11 +215,14 @@ void pool_rows(const Side<scalar_t> (&sides)[2], const logp_t* logprobs, int64_t
   });
 }
 
-void check_side(const at::Tensor& values, const at::Tensor& mask, int64_t rows, const char* name) {
+void check_side(const at::Tensor& values, const at::Tensor& mask, int64_t rows, const char* name,
+                const char* mask_name) {
   check_cpu_contiguous(values, name);
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == rows, name, ": expected shape [", rows, ", T]");
-  check_like(mask, values, "mask");
-  check_dtype(mask, at::kBool, "mask");
+  check_floating(values, name);
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == rows, name, ": expected shape [", rows, ", T], got ",
+              values.sizes());
+  check_like(mask, values, mask_name);
+  check_dtype(mask, at::kBool, mask_name);
 }
 
 void reward_model_forward(const at::Tensor& chosen_values, const at::Tensor& rejected_values,
@@ -218,22 +230,23 @@ void reward_model_forward(const at::Tensor& chosen_values, const at::Tensor& rej
                           const c10::optional<at::Tensor>& margin, const c10::optional<at::Tensor>& chosen_logprobs,
                           double rank_coef, double center_coef, double lm_coef, at::Tensor& loss, at::Tensor& stats,
                           at::Tensor& factors, at::Tensor& index) {
+  TORCH_CHECK(chosen_values.dim() == 2 && chosen_values.size(0) > 0,
+              "chosen_values: expected shape [B, T] with B >= 1, got ", chosen_values.sizes());
   const int64_t n = chosen_values.size(0);
-  TORCH_CHECK(n > 0, "chosen_values: expected at least one pair");
-  check_side(chosen_values, chosen_mask, n, "chosen_values");
-  check_side(rejected_values, rejected_mask, n, "rejected_values");
+  check_side(chosen_values, chosen_mask, n, "chosen_values", "chosen_mask");
+  check_side(rejected_values, rejected_mask, n, "rejected_values", "rejected_mask");
   check_dtype(rejected_values, chosen_values.scalar_type(), "rejected_values");
-  check_cpu_contiguous(index, "index");
-  check_dtype(index, at::kLong, "index");
-  TORCH_CHECK(index.numel() == 2 * n && loss.numel() == 1, "index, loss: wrong number of elements");
-  if (margin) check_dtype(*margin, chosen_values.scalar_type(), "margin");
-  TORCH_CHECK(!margin || margin->numel() == n, "margin: expected ", n, " elements");
-  if (chosen_logprobs) check_like(*chosen_logprobs, chosen_values, "chosen_logprobs");
+  check_flat(index, at::kLong, 2 * n, "index");
+  if (margin) check_flat(*margin, chosen_values.scalar_type(), n, "margin");
+  if (chosen_logprobs) {
+    check_like(*chosen_logprobs, chosen_values, "chosen_logprobs");
+    check_floating(*chosen_logprobs, "chosen_logprobs");
+  }
   const Options o{1.0, 0.0, rank_coef, center_coef, 1.0, SIGMOID, MEAN};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, chosen_values.scalar_type(), "reward_model_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using values_t = scalar_t;
-    check_outputs(loss, stats, factors, n, c10::CppTypeToScalarType<acc_t>::value);
+    check_outputs(loss, stats, factors, n, 1, c10::CppTypeToScalarType<acc_t>::value);
     const Side<values_t> sides[2] = {
         {chosen_values.data_ptr<values_t>(), chosen_mask.data_ptr<bool>(), chosen_values.size(1)},
         {rejected_values.data_ptr<values_t>(), rejected_mask.data_ptr<bool>(), rejected_values.size(1)}};
@@ -290,20 +303,34 @@ void scatter_rows(acc_t g, const acc_t* factors, const int64_t* index, const boo
 void reward_model_backward(const at::Tensor& grad_loss, const at::Tensor& factors, const at::Tensor& index,
                            const at::Tensor& stats, const at::Tensor& chosen_mask, double lm_coef, bool has_lm,
                            at::Tensor& grad_chosen, at::Tensor& grad_rejected, at::Tensor& grad_logprobs) {
+  TORCH_CHECK(grad_chosen.dim() == 2, "grad_chosen: expected shape [B, T], got ", grad_chosen.sizes());
   const int64_t n = grad_chosen.size(0);
-  check_cpu_contiguous(index, "index");
-  check_dtype(index, at::kLong, "index");
-  check_cpu_contiguous(factors, "factors");
-  TORCH_CHECK(index.numel() == 2 * n && factors.numel() == 2 * n, "index, factors: expected ", 2 * n, " elements");
-  check_side(grad_chosen, chosen_mask, n, "grad_chosen");
+  check_side(grad_chosen, chosen_mask, n, "grad_chosen", "chosen_mask");
   check_cpu_contiguous(grad_rejected, "grad_rejected");
-  TORCH_CHECK(grad_rejected.dim() == 2 && grad_rejected.size(0) == n, "grad_rejected: expected [", n, ", T]");
+  TORCH_CHECK(grad_rejected.dim() == 2 && grad_rejected.size(0) == n, "grad_rejected: expected shape [", n,
+              ", T], got ", grad_rejected.sizes());
   check_dtype(grad_rejected, grad_chosen.scalar_type(), "grad_rejected");
-  if (has_lm) check_like(grad_logprobs, grad_chosen, "grad_logprobs");
+  if (has_lm) {
+    check_like(grad_logprobs, grad_chosen, "grad_logprobs");
+    check_floating(grad_logprobs, "grad_logprobs");
+  }
+  check_acc_dtype(factors, "factors");
+  check_flat(factors, factors.scalar_type(), 2 * n, "factors");
+  check_flat(grad_loss, factors.scalar_type(), 1, "grad_loss");
+  check_flat(stats, factors.scalar_type(), NUM_STATS, "stats");
+  // The pooled positions become addresses: each must be -1 (no token) or inside its side's row.
+  check_flat(index, at::kLong, 2 * n, "index");
+  const int64_t* positions = index.data_ptr<int64_t>();
+  for (int side = 0; side < 2; ++side) {
+    const int64_t length = (side == 0 ? grad_chosen : grad_rejected).size(1);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t t = positions[side * n + b];
+      TORCH_CHECK(t >= -1 && t < length, "index: expected positions in [-1, ", length, ") for the ",
+                  side == 0 ? "chosen" : "rejected", " side, got ", t, " at row ", b);
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "reward_model_backward", [&] {
     using acc_t = scalar_t;
-    check_dtype(grad_loss, factors.scalar_type(), "grad_loss");
-    check_dtype(stats, factors.scalar_type(), "stats");
     const acc_t g = grad_loss.item<acc_t>();
     const acc_t lm_weight = has_lm ? static_cast<acc_t>(-lm_coef) * g / stats.data_ptr<acc_t>()[LM_TOKENS] : acc_t(0);
     const acc_t* f = factors.data_ptr<acc_t>();

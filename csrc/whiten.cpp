@@ -47,15 +47,21 @@ const uint8_t* bytes(const at::Tensor& mask) { return reinterpret_cast<const uin
 
 void check_inputs(const at::Tensor& x, const at::Tensor& mask) {
   check_cpu_contiguous(x, "x");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating dtype, got ", x.scalar_type());
   check_like(mask, x, "mask");
   check_dtype(mask, at::kBool, "mask");
+}
+
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_like(t, x, name);
+  check_dtype(t, x.scalar_type(), name);
 }
 
 // Returns [mean, rstd] as a double tensor; writes the whitened values into `out`.
 at::Tensor masked_whiten_forward(const at::Tensor& x, const at::Tensor& mask, bool shift_mean, double eps,
                                  at::Tensor& out) {
   check_inputs(x, mask);
-  check_like(out, x, "out");
+  check_like_x(out, x, "out");
   const uint8_t* m = bytes(mask);
   const int64_t n = x.numel();
   at::Tensor stats = at::empty({2}, x.options().dtype(at::kDouble));
@@ -94,8 +100,9 @@ at::Tensor masked_whiten_forward(const at::Tensor& x, const at::Tensor& mask, bo
 void masked_whiten_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
                             const at::Tensor& stats, bool shift_mean, at::Tensor& grad_x) {
   check_inputs(x, mask);
-  check_like(grad, x, "grad");
-  check_like(grad_x, x, "grad_x");
+  check_like_x(grad, x, "grad");
+  check_like_x(grad_x, x, "grad_x");
+  check_flat(stats, at::kDouble, 2, "stats");
   const uint8_t* m = bytes(mask);
   const int64_t n = x.numel();
   const double mean = stats[0].item<double>(), rstd = stats[1].item<double>();

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from fastrlhf import backend
+from fastrlhf import backend, checks
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL_BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton missing"))]
@@ -29,3 +29,9 @@ def any_backend(request):
     with backend.use_backend(request.param):
         yield request.param
 
+
+
+@pytest.fixture
+def unchecked_values(monkeypatch):
+    """Value checks off, as on CUDA without FASTRLHF_CHECKS=1: the kernels must poison what is invalid."""
+    monkeypatch.setattr(checks, "values_checked", lambda value: False)

@@ -1,9 +1,10 @@
 """Triton kernels of the pairwise losses (``fastrlhf/ops/pairwise.py``; the C++ kernels in
 ``csrc/pairwise.cpp`` compute the same).
 
-``pairs_kernel`` is the one place where pairs become losses: a single program walks the ``n`` pairs in
-blocks, computes each pair's loss and slope with ``_pair_terms`` (stable forms, fp32 or fp64), sums the loss
-and the statistics in a fixed order and stores the per-pair gradient factors. The reward model first runs
+``pairs_kernel`` is the one place where pairs become losses: each program takes ``PAIR_BLOCK`` pairs,
+computes each pair's loss and slope with ``_pair_terms`` (stable forms, fp32 or fp64), stores the per-pair
+gradient factors and writes its block's sums of the loss and the statistics; ``finish_kernel`` (one
+program) adds the blocks' sums in a fixed order, so the result is deterministic without float atomics. The reward model first runs
 ``pool_kernel`` (one pass over the ``[B, T]`` masks, parallel over rows: each row's last unmasked position,
 the value there and the LM term's partial sums), then ``pairs_kernel`` on the pooled ``[B]`` rewards, so
 the cross-row sums need no atomics and are deterministic. ``scatter_kernel`` is the reward model's backward.
@@ -20,7 +21,11 @@ import triton.language as tl
 SIGMOID, IPO, HINGE, ROBUST = (tl.constexpr(code) for code in range(4))
 NONE, MEAN = tl.constexpr(0), tl.constexpr(1)
 LM_TOKENS = tl.constexpr(5)
-PAIR_BLOCK = 1024
+# Pairs per program of pairs_kernel; finish_kernel sums the programs' partial sums BLOCK rows at a time.
+PAIR_BLOCK = 256
+FINISH_BLOCK = 64
+# Partial sums per program: loss, correct, ties, chosen, rejected, LM log-prob sum, LM tokens.
+NUM_PARTIALS, NUM_PARTIALS_POW2 = tl.constexpr(7), tl.constexpr(8)
 TILE_ELEMENTS = 2048
 
 
@@ -61,64 +66,90 @@ def _pair_terms(h, beta, eps, LOSS_TYPE: tl.constexpr):
 
 
 @triton.jit
-def pairs_kernel(u_ptr, v_ptr, ref_u_ptr, ref_v_ptr, margin_ptr, lm_ptr, loss_ptr, stats_ptr, factors_ptr, n,
-                 beta, eps, rank, center, scale, lm_coef, LOSS_TYPE: tl.constexpr, REDUCTION: tl.constexpr,
+def pairs_kernel(u_ptr, v_ptr, ref_u_ptr, ref_v_ptr, margin_ptr, lm_ptr, loss_ptr, partial_ptr, factors_ptr, n,
+                 beta, eps, rank, center, scale, LOSS_TYPE: tl.constexpr, REDUCTION: tl.constexpr,
                  HAS_REF: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_LM: tl.constexpr,
                  BLOCK: tl.constexpr):
+    """Pairs ``[program_id * BLOCK, + BLOCK)``: per-pair losses (``REDUCTION == NONE``) and gradient factors,
+    and this block's NUM_PARTIALS sums at ``partial_ptr + program_id * NUM_PARTIALS`` for ``finish_kernel``.
+
+    Bytes moved (the floor): the inputs read once (2 to 5 values per pair), 2 fp32 factors per pair written
+    (plus the loss per pair without reduction) and NUM_PARTIALS sums per program."""
     ACC: tl.constexpr = tl.float64 if u_ptr.dtype.element_ty == tl.float64 else tl.float32
     w = tl.full([], 1.0, ACC)
     if REDUCTION == MEAN:
         w = w / n
-    total = tl.zeros([BLOCK], ACC)
-    correct = tl.zeros([BLOCK], ACC)
-    ties = tl.zeros([BLOCK], ACC)
-    chosen_sum = tl.zeros([BLOCK], ACC)
-    rejected_sum = tl.zeros([BLOCK], ACC)
-    lm_sum = tl.zeros([BLOCK], ACC)
-    lm_tokens = tl.zeros([BLOCK], ACC)
-    for start in range(0, n, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        live = i < n
-        u = tl.load(u_ptr + i, mask=live, other=0.0).to(ACC)
-        v = tl.load(v_ptr + i, mask=live, other=0.0).to(ACC)
-        if HAS_REF:
-            u -= tl.load(ref_u_ptr + i, mask=live, other=0.0).to(ACC)
-            v -= tl.load(ref_v_ptr + i, mask=live, other=0.0).to(ACC)
-        h = u - v
-        if HAS_MARGIN:
-            h -= tl.load(margin_ptr + i, mask=live, other=0.0).to(ACC)
-        loss, slope = _pair_terms(h, beta, eps, LOSS_TYPE)
-        loss = rank * loss
-        shared = tl.zeros([BLOCK], ACC)
-        if HAS_CENTER:
-            loss += center * (u + v) * (u + v)
-            shared = 2.0 * center * (u + v)
-        if REDUCTION == NONE:
-            tl.store(loss_ptr + i, loss, mask=live)
-        total += tl.where(live, loss, 0.0)
-        tl.store(factors_ptr + i, w * (rank * slope + shared), mask=live)
-        tl.store(factors_ptr + n + i, w * (shared - rank * slope), mask=live)
-        chosen, rejected = scale * u, scale * v
-        correct += tl.where(live, tl.where(chosen > rejected, 1.0, tl.where(chosen == rejected, 0.5, 0.0)), 0.0)
-        ties += tl.where(live & (chosen == rejected), 1.0, 0.0)
-        chosen_sum += tl.where(live, chosen, 0.0)
-        rejected_sum += tl.where(live, rejected, 0.0)
-        if HAS_LM:
-            lm_sum += tl.load(lm_ptr + i, mask=live, other=0.0)
-            lm_tokens += tl.load(lm_ptr + n + i, mask=live, other=0.0)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = i < n
+    u = tl.load(u_ptr + i, mask=live, other=0.0).to(ACC)
+    v = tl.load(v_ptr + i, mask=live, other=0.0).to(ACC)
+    if HAS_REF:
+        u -= tl.load(ref_u_ptr + i, mask=live, other=0.0).to(ACC)
+        v -= tl.load(ref_v_ptr + i, mask=live, other=0.0).to(ACC)
+    h = u - v
+    if HAS_MARGIN:
+        h -= tl.load(margin_ptr + i, mask=live, other=0.0).to(ACC)
+    loss, slope = _pair_terms(h, beta, eps, LOSS_TYPE)
+    loss = rank * loss
+    shared = tl.zeros([BLOCK], ACC)
+    if HAS_CENTER:
+        loss += center * (u + v) * (u + v)
+        shared = 2.0 * center * (u + v)
+    if REDUCTION == NONE:
+        tl.store(loss_ptr + i, loss, mask=live)
+    tl.store(factors_ptr + i, w * (rank * slope + shared), mask=live)
+    tl.store(factors_ptr + n + i, w * (shared - rank * slope), mask=live)
+    chosen, rejected = scale * u, scale * v
+    partial = partial_ptr + tl.program_id(0) * NUM_PARTIALS
+    tl.store(partial + 0, tl.sum(tl.where(live, loss, 0.0), 0))
+    tl.store(partial + 1, tl.sum(tl.where(live & (chosen > rejected), 1.0, tl.where(live & (chosen == rejected),
+                                                                                      0.5, 0.0)), 0))
+    tl.store(partial + 2, tl.sum(tl.where(live & (chosen == rejected), 1.0, 0.0), 0))
+    tl.store(partial + 3, tl.sum(tl.where(live, chosen, 0.0), 0))
+    tl.store(partial + 4, tl.sum(tl.where(live, rejected, 0.0), 0))
+    if HAS_LM:
+        tl.store(partial + 5, tl.sum(tl.load(lm_ptr + i, mask=live, other=0.0).to(ACC), 0))
+        tl.store(partial + 6, tl.sum(tl.load(lm_ptr + n + i, mask=live, other=0.0).to(ACC), 0))
+    else:
+        tl.store(partial + 5, tl.zeros([], ACC))
+        tl.store(partial + 6, tl.zeros([], ACC))
+
+
+@triton.jit
+def finish_kernel(partial_ptr, loss_ptr, stats_ptr, programs, n, lm_coef, REDUCTION: tl.constexpr,
+                  HAS_LM: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the sums of ``pairs_kernel``'s ``[programs, NUM_PARTIALS]`` partial sums, always in the
+    same order (no atomics: deterministic), into the reduced loss and the statistics. Bytes moved: the
+    partial sums once."""
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    k = tl.arange(0, NUM_PARTIALS_POW2)
+    sums = tl.zeros([BLOCK, NUM_PARTIALS_POW2], ACC)
+    for first in range(0, programs, BLOCK):
+        row = first + tl.arange(0, BLOCK)
+        sums += tl.load(partial_ptr + row[:, None] * NUM_PARTIALS + k[None, :],
+                        mask=(row[:, None] < programs) & (k[None, :] < NUM_PARTIALS), other=0.0)
+    total = tl.sum(sums, 0)
+    w = tl.full([], 1.0, ACC)
+    if REDUCTION == MEAN:
+        w = w / n
     if REDUCTION != NONE:
-        loss_total = tl.sum(total, 0) * w
+        loss_total = _entry(total, k, 0) * w
         if HAS_LM:
-            loss_total -= lm_coef * tl.sum(lm_sum, 0) / tl.sum(lm_tokens, 0)
+            loss_total -= lm_coef * _entry(total, k, 5) / _entry(total, k, 6)
         tl.store(loss_ptr, loss_total)
-    tl.store(stats_ptr + 0, tl.sum(correct, 0) / n)
-    tl.store(stats_ptr + 1, tl.sum(ties, 0) / n)
-    tl.store(stats_ptr + 2, tl.sum(chosen_sum, 0) / n)
-    tl.store(stats_ptr + 3, tl.sum(rejected_sum, 0) / n)
-    tl.store(stats_ptr + 4, (tl.sum(chosen_sum, 0) - tl.sum(rejected_sum, 0)) / n)
-    tl.store(stats_ptr + LM_TOKENS, tl.sum(lm_tokens, 0))
+    chosen_sum, rejected_sum = _entry(total, k, 3), _entry(total, k, 4)
+    tl.store(stats_ptr + 0, _entry(total, k, 1) / n)
+    tl.store(stats_ptr + 1, _entry(total, k, 2) / n)
+    tl.store(stats_ptr + 2, chosen_sum / n)
+    tl.store(stats_ptr + 3, rejected_sum / n)
+    tl.store(stats_ptr + 4, (chosen_sum - rejected_sum) / n)
+    tl.store(stats_ptr + LM_TOKENS, _entry(total, k, 6))
 
 
+@triton.jit
+def _entry(x, k, j: tl.constexpr):
+    """Entry ``j`` of the vector ``x`` indexed by ``k``."""
+    return tl.sum(tl.where(k == j, x, 0.0), 0)
 @triton.jit
 def _pool_side(values_ptr, mask_ptr, logprobs_ptr, index_ptr, pooled_ptr, lm_ptr, rows, length,
                HAS_LM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -199,11 +230,16 @@ def _blocks(rows: int, length: int) -> tuple[int, int]:
 
 def _pairs(u, v, ref_u, ref_v, margin, lm, loss, stats, factors, beta, eps, rank, center, scale, lm_coef, loss_type,
            reduction):
-    pairs_kernel[(1,)](u, v, u if ref_u is None else ref_u, v if ref_v is None else ref_v,
-                       u if margin is None else margin, u if lm is None else lm, loss, stats, factors, u.numel(),
-                       beta, eps, rank, center, scale, lm_coef, LOSS_TYPE=loss_type, REDUCTION=reduction,
-                       HAS_REF=ref_u is not None, HAS_MARGIN=margin is not None, HAS_CENTER=center != 0,
-                       HAS_LM=lm is not None, BLOCK=PAIR_BLOCK)
+    n = u.numel()
+    programs = triton.cdiv(n, PAIR_BLOCK)
+    partial = torch.empty(programs, NUM_PARTIALS.value, dtype=factors.dtype, device=factors.device)
+    pairs_kernel[(programs,)](u, v, u if ref_u is None else ref_u, v if ref_v is None else ref_v,
+                              u if margin is None else margin, u if lm is None else lm, loss, partial, factors, n,
+                              beta, eps, rank, center, scale, LOSS_TYPE=loss_type, REDUCTION=reduction,
+                              HAS_REF=ref_u is not None, HAS_MARGIN=margin is not None, HAS_CENTER=center != 0,
+                              HAS_LM=lm is not None, BLOCK=PAIR_BLOCK)
+    finish_kernel[(1,)](partial, loss, stats, programs, n, lm_coef, REDUCTION=reduction, HAS_LM=lm is not None,
+                        BLOCK=FINISH_BLOCK)
 
 
 def pairwise_forward(chosen, rejected, ref_chosen, ref_rejected, margin, beta, label_smoothing, loss_type, reduction,

@@ -38,6 +38,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Optional[Tensor] = None, *, gamma
         cu_seqlens: int32/int64 ``[S + 1]`` offsets of S packed sequences in ``rewards`` (from 0 to N).
         returns_lam: when given, ``returns = A(returns_lam) + V`` while advantages use ``lam``.
 
+    Values (offsets increasing from 0 to N, coefficients in [0, 1]) are checked, raising ValueError,
+    where ``fastrlhf.checks.values_checked`` allows it: on CPU, and on CUDA with ``FASTRLHF_CHECKS=1``.
+    The default CUDA path never syncs with the host; there the kernel poisons instead: invalid
+    ``cu_seqlens`` make every output NaN (it never reads or writes outside the N elements), and a
+    sequence whose gamma, lam or returns_lam lies outside [0, 1] gets NaN outputs and gradients.
+
     With S = B for padded input: recurrence ``delta_t = r_t + gamma V_next - V_t``,
     ``A_t = delta_t + gamma lam A_next``, ``returns_t = A_t + V_t``. Arithmetic is fp32 (fp64 for fp64
     inputs); outputs have the input dtype. A NaN or inf at an unmasked token spreads along its own
@@ -97,7 +103,7 @@ def _checked_offsets(cu_seqlens, rewards):
     checks.device("cu_seqlens", cu_seqlens, rewards.device)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected at least 2 offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}")
-    if not torch.compiler.is_compiling():
+    if checks.values_checked(cu_seqlens):
         first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0 or last != rewards.numel():
             raise ValueError(f"cu_seqlens: expected to run from 0 to N={rewards.numel()}, got {first} to {last}")

@@ -96,8 +96,11 @@ def reward_model_loss(chosen_values: Tensor, rejected_values: Tensor, *, chosen_
         chosen_values, rejected_values: ``[B, T_w]`` and ``[B, T_l]`` float (one dtype), B >= 1.
         chosen_mask, rejected_mask: bool or 0/1, shaped like the values. Each row's reward is its value at
             the last position where the mask is set: left or right padding and holes all work, and the pad
-            token id is never consulted (pad == eos cannot move it). Every row needs a set element
-            (eager calls raise ValueError naming the row; compiled calls give a NaN loss).
+            token id is never consulted (pad == eos cannot move it). Every row needs a set element:
+            where ``fastrlhf.checks.values_checked`` allows a host read (CPU, or CUDA with
+            ``FASTRLHF_CHECKS=1``) a row without one raises ValueError naming it; elsewhere (the default
+            CUDA path, which never syncs with the host, and compiled calls) its reward is NaN, so the
+            loss and the reward statistics are NaN.
         margin: a float or ``[B]`` tensor subtracted from ``r_w - r_l`` (not differentiated).
         chosen_logprobs: ``[B, T_w]`` log-probs of the chosen tokens (e.g. from ``fastrlhf.logprobs``,
             aligned with ``chosen_mask``), any float dtype; required when ``lm_coef`` is not 0.
@@ -119,7 +122,7 @@ def reward_model_loss(chosen_values: Tensor, rejected_values: Tensor, *, chosen_
         loss, stats, _, index = torch.ops.fastrlhf.reward_model_forward(*args)
     else:
         loss, stats, _, index = _reward_model_forward(*args)
-    if not torch.compiler.is_compiling():
+    if checks.values_checked(index):
         _check_every_row_pooled(index)
     return loss, _stats(stats)
 
@@ -274,7 +277,7 @@ def _bool_mask(name, mask, values):
 
 
 def _check_every_row_pooled(index):
-    if not bool((index < 0).any()):  # one device sync in the common case
+    if not bool((index < 0).any()):  # one host read in the common case
         return
     for side, name in enumerate(("chosen_mask", "rejected_mask")):
         empty = (index[side] < 0).nonzero()

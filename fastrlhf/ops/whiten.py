@@ -21,6 +21,10 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     variance times n / (n - 1)), accumulated in float64 on the CPU path. Masked elements are selected,
     not multiplied, so inf or NaN there does not reach the statistics. The result is computed at every
     element, masked ones included; with ``shift_mean=False`` the mean is added back. Differentiable.
+
+    Fewer than 2 elements set raises ValueError where ``fastrlhf.checks.values_checked`` allows a host
+    read (CPU, or CUDA with ``FASTRLHF_CHECKS=1``); the default CUDA path never syncs with the host and
+    returns what the formula gives there: NaN everywhere (0 / 0 for the mean or the variance).
     """
     checks.dtype("x", x, checks.FLOATS)
     checks.tensor("mask", mask)
@@ -28,7 +32,7 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     checks.device("mask", mask, x.device)
     keep = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
     if backend.forced_backend() == "reference" or x.device.type != "cpu":
-        if not torch.compiler.is_compiling() and int(keep.sum()) < 2:
+        if checks.values_checked(keep) and int(keep.sum()) < 2:
             raise ValueError(f"mask: expected at least 2 elements set, got {int(keep.sum())}")
         if x.device.type != "cpu":
             return _torch_formula(x, keep, shift_mean, eps)

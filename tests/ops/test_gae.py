@@ -196,6 +196,40 @@ def test_nan_stays_in_its_sequence(kernel_backend):
         torch.testing.assert_close(ret[row], clean[1][row])
 
 
+@pytest.mark.parametrize("where", ["reward", "value"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_does_not_cross_a_done(kernel_backend, where, bad):
+    """A NaN or inf in a later episode leaves the earlier episode of its row finite and equal to the C++
+    result; a NaN upstream gradient in an earlier episode leaves the later episode's gradients alone."""
+    r, v, mask, _, boot = inputs(2, 70, seed=24)
+    dones = torch.zeros(2, 70, dtype=torch.bool)
+    dones[:, 29] = True  # episodes [0, 30) and [30, 70) in each row
+    mask[:, 30:40] = True
+    (r if where == "reward" else v)[0, 35] = bad
+    kw = dict(dones=dones, bootstrap_value=boot, gamma=0.9, lam=0.8, returns_lam=0.7)
+    leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
+    with backend.use_backend("cpp"):
+        want = fastrlhf.gae(r, v, mask, **kw)
+    for got, exact in zip((adv, ret), want):
+        assert got[0, :30].isfinite().all()
+        torch.testing.assert_close(got[:, :30], exact[:, :30])
+        torch.testing.assert_close(got[1], exact[1])
+    upstream = torch.randn(2, 2, 70, generator=torch.Generator().manual_seed(2), dtype=F64)
+    upstream[:, 0, 10] = bad
+    grads = torch.autograd.grad((adv * upstream[0] + ret * upstream[1]).sum(), leaves)
+    for g in grads[:2]:
+        assert g[0, 30:].isfinite().all() and g[1].isfinite().all()
+    assert grads[2].isfinite().all(), "bootstrap_value's gradient"
+    clean = upstream.clone()
+    clean[:, 0, :30] = 0
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
+    want = torch.autograd.grad((adv * clean[0] + ret * clean[1]).sum(), leaves)
+    for g, exact in zip(grads[:2], want):
+        torch.testing.assert_close(g[:, 30:], exact[:, 30:])
+    torch.testing.assert_close(grads[2], want[2])
+
+
 @pytest.mark.parametrize("mask_mode", ["skip", "zero"])
 def test_gradcheck(kernel_backend, mask_mode):
     r, v, mask, dones, boot = inputs(3, 9, seed=16, done_rate=0.2)
@@ -307,3 +341,120 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(backend.importlib, "import_module", no_extension)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         backend.cpp_ops()
+
+
+def _direct_forward_args(n=12, rows=3):
+    """Valid arguments of ``torch.ops.fastrlhf_cpp.gae_forward`` for ``rows`` sequences of ``n // rows``."""
+    g = torch.Generator().manual_seed(25)
+    r, v = torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    return {"rewards": r, "values": v, "mask": torch.ones(n, dtype=torch.bool), "dones": torch.zeros(n, dtype=torch.bool),
+            "bootstrap_value": torch.zeros(rows, dtype=F64), "offsets": torch.arange(0, n + 1, n // rows),
+            "gamma": torch.full((rows,), 0.9, dtype=F64), "lam": torch.full((rows,), 0.8, dtype=F64),
+            "returns_lam": None, "zero_masked": False, "advantages": torch.empty_like(r), "returns": torch.empty_like(r)}
+
+
+BAD_DIRECT = [
+    ("offsets", {"offsets": torch.tensor([0.0, 12.0])}),
+    ("offsets", {"offsets": torch.tensor([0, 4, 2, 12])}),
+    ("offsets", {"offsets": torch.tensor([0, 4, 8, 13])}),
+    ("offsets", {"offsets": torch.tensor([-1, 4, 8, 12])}),
+    ("offsets", {"offsets": torch.tensor([[0, 4], [8, 12]])}),
+    ("gamma", {"gamma": torch.full((2,), 0.9, dtype=F64)}),
+    ("gamma", {"gamma": torch.full((3,), 0.9)}),
+    ("lam", {"lam": torch.full((4,), 0.9, dtype=F64)}),
+    ("returns_lam", {"returns_lam": torch.full((2,), 0.9, dtype=F64)}),
+    ("mask", {"mask": torch.ones(12, dtype=torch.int32)}),
+    ("mask", {"mask": torch.ones(11, dtype=torch.bool)}),
+    ("dones", {"dones": torch.zeros(24, dtype=torch.bool)[::2]}),
+    ("values", {"values": torch.zeros(12)}),
+    ("values", {"values": torch.zeros(24, dtype=F64)[::2]}),
+    ("advantages", {"advantages": torch.empty(12)}),
+    ("returns", {"returns": torch.empty(13, dtype=F64)}),
+    ("bootstrap_value", {"bootstrap_value": torch.zeros(4, dtype=F64)}),
+    ("rewards", {"rewards": torch.zeros(12, dtype=torch.int64)}),
+]
+
+
+@pytest.mark.parametrize("name,bad", BAD_DIRECT, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_DIRECT)])
+def test_cpp_forward_checks_every_argument(name, bad):
+    """A direct call of the C++ op with a bad argument raises, naming it (never reads out of bounds)."""
+    args = {**_direct_forward_args(), **bad}
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().gae_forward(*args.values())
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("grad_bootstrap", {"grad_bootstrap": torch.empty(3)}),
+    ("grad_bootstrap", {"grad_bootstrap": torch.empty(2, dtype=F64)}),
+    ("grad_returns", {"grad_returns": torch.zeros(12)}),
+    ("grad_values", {"grad_values": torch.zeros(11, dtype=F64)}),
+    ("offsets", {"offsets": torch.tensor([0, 8, 4, 12])}),
+])
+def test_cpp_backward_checks_every_argument(name, bad):
+    f = _direct_forward_args()
+    args = {"grad_advantages": f["rewards"], "grad_returns": f["values"], "mask": f["mask"], "dones": f["dones"],
+            "offsets": f["offsets"], "gamma": f["gamma"], "lam": f["lam"], "returns_lam": None, "zero_masked": False,
+            "grad_rewards": torch.empty(12, dtype=F64), "grad_values": torch.empty(12, dtype=F64),
+            "grad_bootstrap": torch.empty(3, dtype=F64)}
+    backend.cpp_ops().gae_backward(*args.values())  # the valid call runs
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().gae_backward(*{**args, **bad}.values())
+
+
+BAD_OFFSETS = [[0, 5, 3, 12], [0, 5, 11], [2, 12], [0, 5, 20], [-3, 5, 12], [0, 13, 12]]
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS, ids=str)
+def test_bad_offsets_unchecked_poison_every_output(kernel_backend, unchecked_values, offsets):
+    """Without value checks (CUDA's default: no host sync) the Triton kernel makes every output NaN and
+    touches nothing outside the N elements; the C++ kernel refuses the offsets itself."""
+    r, v, mask, dones, _ = inputs(1, 12, seed=26)
+    cu = torch.tensor(offsets)
+    args = (r.view(-1), v.view(-1), mask.view(-1))
+    kw = dict(dones=dones.view(-1), cu_seqlens=cu, gamma=0.9, lam=0.8)
+    if kernel_backend == "cpp":
+        with pytest.raises(RuntimeError, match="offsets"):
+            fastrlhf.gae(*args, **kw)
+        return
+    leaves = [x.clone().requires_grad_() for x in args[:2]]
+    adv, ret = fastrlhf.gae(*leaves, args[2], **kw)
+    assert adv.isnan().all() and ret.isnan().all()
+    grads = torch.autograd.grad((adv + ret).sum(), leaves)
+    assert all(g.isnan().all() for g in grads)
+
+
+def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kernel_backend, unchecked_values):
+    r, v, mask, dones, boot = inputs(3, 20, seed=27)
+    gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
+    if kernel_backend == "cpp":
+        with pytest.raises(RuntimeError, match="gamma"):
+            fastrlhf.gae(r, v, mask, gamma=gamma)
+        return
+    leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
+                            lam=torch.tensor([0.9, 0.9, -0.1], dtype=F64))
+    want = reference.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=gamma, lam=0.9)
+    for got, exact in zip((adv, ret), want):
+        assert got[1:].isnan().all()
+        torch.testing.assert_close(got[0], exact[0])
+    grads = torch.autograd.grad((adv + ret).sum(), leaves)
+    for g in grads:
+        assert g[1:].isnan().all() and g[0].isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    r, v, mask, dones, boot = (x.cuda() for x in inputs(4, 300, dtype=torch.float32, seed=28))
+    cu = torch.tensor([0, 100, 100, 700, 1200], device="cuda")
+    gamma = torch.full((4,), 0.9, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+        adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
+                                lam=0.95)
+        torch.autograd.grad((adv + ret).sum(), leaves)
+        fastrlhf.gae(r.view(-1), v.view(-1), mask.view(-1), cu_seqlens=cu, gamma=gamma, lam=0.9)
+        fastrlhf.masked_whiten(adv, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

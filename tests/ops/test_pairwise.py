@@ -379,3 +379,137 @@ BAD = [
 def test_bad_input_names_the_argument(name, call, error):
     with pytest.raises(error, match=name):
         call()
+
+
+def _direct_reward_model(rows=3, length=4):
+    """Valid arguments of ``torch.ops.fastrlhf_cpp.reward_model_forward`` and ``_backward``, as dicts."""
+    chosen, rejected, chosen_mask, rejected_mask, logprobs = reward_inputs(rows, length, 36, "right")
+    forward = {"chosen_values": chosen, "rejected_values": rejected, "chosen_mask": chosen_mask,
+               "rejected_mask": rejected_mask, "margin": randn(rows, seed=3), "chosen_logprobs": logprobs,
+               "rank_coef": 1.0, "center_coef": 0.1, "lm_coef": 0.2, "loss": torch.empty((), dtype=F64),
+               "stats": torch.empty(6, dtype=F64), "factors": torch.empty(2, rows, dtype=F64),
+               "index": torch.empty(2, rows, dtype=torch.int64)}
+    backend.cpp_ops().reward_model_forward(*forward.values())
+    backward = {"grad_loss": torch.tensor(1.0, dtype=F64), "factors": forward["factors"], "index": forward["index"],
+                "stats": forward["stats"], "chosen_mask": chosen_mask, "lm_coef": 0.2, "has_lm": True,
+                "grad_chosen": torch.empty_like(chosen), "grad_rejected": torch.empty_like(rejected),
+                "grad_logprobs": torch.empty_like(logprobs)}
+    return forward, backward
+
+
+BAD_DIRECT_FORWARD = [
+    ("margin", {"margin": randn(6, seed=1)[::2]}),
+    ("margin", {"margin": randn(4, seed=1)}),
+    ("margin", {"margin": randn(3, seed=1, dtype=torch.float32)}),
+    ("chosen_values", {"chosen_values": randn(3, seed=1)}),
+    ("chosen_mask", {"chosen_mask": torch.ones(3, 4, dtype=torch.int32)}),
+    ("rejected_mask", {"rejected_mask": torch.ones(3, 5, dtype=torch.bool)}),
+    ("chosen_logprobs", {"chosen_logprobs": torch.ones(3, 4, dtype=torch.int64)}),
+    ("index", {"index": torch.empty(2, 3, dtype=torch.int32)}),
+    ("stats", {"stats": torch.empty(5, dtype=F64)}),
+    ("factors", {"factors": torch.empty(2, 3)}),
+    ("loss", {"loss": torch.empty(2, dtype=F64)}),
+]
+
+
+@pytest.mark.parametrize("name,bad", BAD_DIRECT_FORWARD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_DIRECT_FORWARD)])
+def test_cpp_reward_model_forward_checks_every_argument(name, bad):
+    forward, _ = _direct_reward_model()
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().reward_model_forward(*{**forward, **bad}.values())
+
+
+BAD_DIRECT_BACKWARD = [
+    ("index", {"index": torch.tensor([[0, 1, 4], [0, 0, 0]])}),
+    ("index", {"index": torch.tensor([[0, 1, 2], [0, -2, 0]])}),
+    ("index", {"index": torch.tensor([[0, 1, 2], [0, 0, 10**12]])}),
+    ("stats", {"stats": torch.empty(5, dtype=F64)}),
+    ("stats", {"stats": torch.empty(6)}),
+    ("grad_loss", {"grad_loss": torch.ones(2, dtype=F64)}),
+    ("factors", {"factors": torch.empty(2, 2, dtype=F64)}),
+    ("factors", {"factors": torch.empty(2, 3, dtype=torch.float16)}),
+    ("chosen_mask", {"chosen_mask": torch.ones(3, 5, dtype=torch.bool)}),
+    ("grad_rejected", {"grad_rejected": torch.empty(2, 4, dtype=F64)}),
+    ("grad_logprobs", {"grad_logprobs": torch.empty(3, 5, dtype=F64)}),
+]
+
+
+@pytest.mark.parametrize("name,bad", BAD_DIRECT_BACKWARD,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_DIRECT_BACKWARD)])
+def test_cpp_reward_model_backward_checks_every_argument(name, bad):
+    """An index past the row used to be written to (out of bounds; a segfault for a large one)."""
+    _, backward = _direct_reward_model()
+    backend.cpp_ops().reward_model_backward(*backward.values())  # the valid call runs
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().reward_model_backward(*{**backward, **bad}.values())
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("chosen", {"chosen": torch.ones(3, dtype=torch.int64)}),
+    ("rejected", {"rejected": randn(6, seed=2)[::2]}),
+    ("margin", {"margin": randn(6, seed=2)[::2]}),
+    ("loss_type", {"loss_type": 7}),
+    ("reduction", {"reduction": -1}),
+    ("loss", {"loss": torch.empty(3, dtype=F64)}),
+    ("factors", {"factors": torch.empty(2, 3)}),
+])
+def test_cpp_pairwise_forward_checks_every_argument(name, bad):
+    args = {"chosen": randn(3, seed=0), "rejected": randn(3, seed=1), "ref_chosen": None, "ref_rejected": None,
+            "margin": randn(3, seed=2), "beta": 0.5, "label_smoothing": 0.0, "loss_type": 0, "reduction": 1,
+            "reward_scale": 1.0, "loss": torch.empty((), dtype=F64), "stats": torch.empty(6, dtype=F64),
+            "factors": torch.empty(2, 3, dtype=F64)}
+    backend.cpp_ops().pairwise_forward(*args.values())
+    with pytest.raises(RuntimeError, match=name):
+        backend.cpp_ops().pairwise_forward(*{**args, **bad}.values())
+
+
+def test_a_row_with_no_unmasked_token_unchecked_gives_nan(kernel_backend, unchecked_values):
+    """Without value checks (CUDA's default: no host sync) the row's reward is NaN, and so is the loss."""
+    chosen, rejected, chosen_mask, rejected_mask, _ = reward_inputs(4, 10, 34, "right")
+    rejected_mask[2] = False
+    loss, stats = fastrlhf.reward_model_loss(chosen, rejected, chosen_mask=chosen_mask, rejected_mask=rejected_mask)
+    assert loss.isnan() and stats["rejected_reward"].isnan()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    chosen, rejected, chosen_mask, rejected_mask, logprobs = (
+        t.cuda() for t in reward_inputs(8, 30, 37, "left", torch.float32))
+    pairs = [randn(64, seed=k, dtype=torch.float32).cuda().requires_grad_() for k in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = fastrlhf.reward_model_loss(chosen.requires_grad_(), rejected, chosen_mask=chosen_mask,
+                                             rejected_mask=rejected_mask, chosen_logprobs=logprobs, lm_coef=0.1)
+        loss.backward()
+        fastrlhf.dpo_loss(*pairs, beta=0.1)[0].backward()
+        fastrlhf.pairwise_sigmoid_loss(*pairs[:2], margin=0.5).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_pairs_spread_over_programs_with_a_fixed_order_reduction(monkeypatch):
+    """1000 pairs run on several programs of pairs_kernel, whose partial sums one program adds in a fixed
+    order: the loss and statistics match the reference and repeat bit for bit."""
+    from fastrlhf.kernels import pairwise as kernels
+
+    grids = []
+    launch = kernels.pairs_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+
+    monkeypatch.setattr(kernels, "pairs_kernel", Recorded())
+    chosen, rejected, margin = (randn(1000, seed=k) for k in range(3))
+    with backend.use_backend("triton"):
+        got = [fastrlhf.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7) for _ in range(2)]
+        stats = fastrlhf.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    assert grids[0] == (math.ceil(1000 / kernels.PAIR_BLOCK),) and grids[0][0] > 1
+    want = reference.pairwise_sigmoid_loss(chosen, rejected, margin=margin, beta=0.7)
+    torch.testing.assert_close(got[0], want)
+    assert torch.equal(got[0], got[1])
+    want_stats = reference.dpo_loss(chosen, rejected, margin, rejected, beta=0.3)[1]
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, msg=name)
