@@ -255,7 +255,8 @@ def _checked_offsets(cu_seqlens, like):
 
 
 def _count(name, value, acc, device):
-    """A count as a 0-d tensor on ``device`` (no host sync); Python numbers must be positive."""
+    """A count: a 0-d tensor on ``device`` (never read on the host there), or a positive Python float (kept
+    a Python number: making a device tensor of it would be a blocking host-to-device copy)."""
     if isinstance(value, Tensor):
         checks.device(name, value, device)
         if value.numel() != 1:
@@ -265,7 +266,7 @@ def _count(name, value, acc, device):
         return value.detach().reshape(()).to(acc)
     if not 0 < float(value) < float("inf"):
         raise ValueError(f"{name}: expected a positive count, got {value}")
-    return torch.tensor(float(value), dtype=acc, device=device)
+    return float(value)
 
 
 def plan_policy_loss(logp: Tensor, old_logp: Tensor, mask: Optional[Tensor], offsets: Tensor, row_length: int,

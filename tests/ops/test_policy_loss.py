@@ -320,14 +320,14 @@ def test_cpp_op_checks_its_inputs():
         cpp.policy_loss_tokens(*flat, None, None, None, None, torch.tensor([0, 6, 12]), 6, 3, False, weights, None, None,
                                *options, None, None, partials)
     with pytest.raises(RuntimeError, match="offsets"):
-        cpp.policy_loss_tokens(*flat, None, None, None, None, torch.tensor([0, 7, 12]).flip(0), 0, 0, False, weights, None,
-                               None, *options, None, None, partials)
+        cpp.policy_loss_tokens(*flat, None, None, None, None, torch.tensor([0, 7, 12]).flip(0), 0, 0, False, weights,
+                               None, None, *options, None, None, partials)
     with pytest.raises(RuntimeError, match="old_logp"):
         cpp.policy_loss_tokens(flat[0], flat[1][:5], flat[2], None, None, None, None, torch.tensor([0, 6, 12]), 6,
                                0, False, weights, None, None, *options, None, None, partials)
     with pytest.raises(RuntimeError, match="seq_weights"):
-        cpp.policy_loss_tokens(*flat, None, None, None, None, torch.tensor([0, 6, 12]), 0, 0, False, weights[:2], None,
-                               None, *options, None, None, partials)
+        cpp.policy_loss_tokens(*flat, None, None, None, None, torch.tensor([0, 6, 12]), 0, 0, False, weights[:2],
+                               None, None, *options, None, None, partials)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -60,7 +60,8 @@ def expected(old, rollout, mask, is_level, is_threshold, options):
                     keep[b] = False
     n = int(mask.sum())
     rejected = mask & ~keep
-    metrics = {"is_weight_mean": raw[mask].sum() / n, "is_weight_min": raw[mask].min(), "is_weight_max": raw[mask].max(),
+    metrics = {"is_weight_mean": raw[mask].sum() / n, "is_weight_min": raw[mask].min(),
+               "is_weight_max": raw[mask].max(),
                "is_clipped_fraction": clipped / n, "rs_token_fraction": rejected.sum() / n,
                "rs_sequence_fraction": rejected.any(-1).double().mean()}
     return torch.where(keep, weights, 0).float(), keep & mask, metrics
@@ -88,7 +89,8 @@ CASES = [
 def test_matches_loops(is_level, is_threshold, rs, rs_threshold, options):
     old, rollout, mask = inputs(seed=len(options) + 3 * (is_level is None))
     weights, new_mask, metrics = fastrlhf.rollout_correction(old, rollout, mask, is_level=is_level,
-                                                             is_threshold=is_threshold, rs=rs, rs_threshold=rs_threshold)
+                                                             is_threshold=is_threshold, rs=rs,
+                                                             rs_threshold=rs_threshold)
     want_w, want_mask, want_metrics = expected(old, rollout, mask, is_level, is_threshold, options)
     assert weights.dtype == torch.float32 and not weights.requires_grad
     torch.testing.assert_close(weights, want_w)
