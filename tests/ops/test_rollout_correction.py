@@ -139,3 +139,40 @@ def test_feeds_policy_loss():
     loss, _ = fastrlhf.policy_loss(logp, old, torch.ones_like(old), new_mask,
                                    rollout_is_weights=weights.double())
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("is_level,is_threshold,rs,rs_threshold,options", CASES[3:4] + CASES[5:6] + CASES[-1:])
+def test_masked_values_never_read(is_level, is_threshold, rs, rs_threshold, options):
+    old, rollout, mask = inputs(seed=12)
+    kwargs = dict(is_level=is_level, is_threshold=is_threshold, rs=rs, rs_threshold=rs_threshold)
+    want = fastrlhf.rollout_correction(torch.where(mask, old, 0), torch.where(mask, rollout, 0), mask, **kwargs)
+    for fill_old, fill_rollout in ((float("inf"), float("-inf")), (float("-inf"), float("nan"))):
+        got = fastrlhf.rollout_correction(torch.where(mask, old, fill_old), torch.where(mask, rollout, fill_rollout),
+                                          mask, **kwargs)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert torch.equal(got[1], want[1])
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=0, msg=name)
+
+
+def test_empty_mask():
+    old, rollout, mask = inputs(seed=13)
+    weights, new_mask, metrics = fastrlhf.rollout_correction(old, rollout, torch.zeros_like(mask),
+                                                             is_level="sequence", rs="seq_max_k3", rs_threshold=0.1)
+    assert torch.equal(weights, torch.zeros_like(weights)) and not new_mask.any()
+    for name, value in metrics.items():
+        assert value.item() == 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_fp32_math(dtype):
+    """Rounded inputs give the float64 answer of the rounded values, to fp32 accuracy; an int 0/1 mask works."""
+    old, rollout, mask = inputs(seed=14, drift=0.1)
+    old, rollout = torch.where(mask, old, 0).to(dtype), rollout.to(dtype)
+    kwargs = dict(is_level="token", is_threshold=1.1, rs="token_k1,seq_mean_k3", rs_threshold="0.8_1.2,0.01")
+    weights, new_mask, metrics = fastrlhf.rollout_correction(old, rollout, mask.to(torch.int32), **kwargs)
+    want_w, want_mask, want_metrics = fastrlhf.rollout_correction(old.double(), rollout.double(), mask, **kwargs)
+    torch.testing.assert_close(weights, want_w)
+    assert torch.equal(new_mask, want_mask)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], want_metrics[name], msg=name)
