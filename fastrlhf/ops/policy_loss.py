@@ -207,7 +207,7 @@ def _canonical(logp, old_logp, advantages, mask, ref_logp, entropy, rollout_is_w
             offsets = torch.zeros(rows + 1, dtype=torch.int64, device=logp.device)
     else:
         checks.ndim("logp (packed, with cu_seqlens)", logp, (1,))
-        offsets = _checked_offsets(cu_seqlens, logp)
+        offsets = checks.offsets(cu_seqlens, logp)
         rows = offsets.numel() - 1
     if rows == 0:
         raise ValueError(f"logp: expected at least one sequence, got shape {tuple(logp.shape)}")
@@ -237,21 +237,6 @@ def _canonical(logp, old_logp, advantages, mask, ref_logp, entropy, rollout_is_w
         flat_mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(-1)
     return (logp.contiguous().view(-1), flat["old_logp"], advantages.detach().contiguous().view(-1), flat_mask,
             flat["ref_logp"], flat["entropy"], flat["rollout_is_weights"], offsets)
-
-
-def _checked_offsets(cu_seqlens, like):
-    checks.dtype("cu_seqlens", cu_seqlens, checks.INTS)
-    checks.ndim("cu_seqlens", cu_seqlens, (1,))
-    checks.device("cu_seqlens", cu_seqlens, like.device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected at least 2 offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}")
-    if checks.values_checked(cu_seqlens):
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0 or last != like.numel():
-            raise ValueError(f"cu_seqlens: expected to run from 0 to N={like.numel()}, got {first} to {last}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens: expected non-decreasing offsets")
-    return cu_seqlens.to(torch.int64).contiguous()
 
 
 def _count(name, value, acc, device):

@@ -57,13 +57,15 @@ def parse_rs(rs: str, rs_threshold) -> list[tuple[str, float | None, float]]:
 
 
 def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, is_level=None, is_threshold=2.0,
-                       rs=None, rs_threshold=None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                       rs=None, rs_threshold=None, cu_seqlens: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """IS weights and a rejection mask for the train/inference mismatch, once per batch before micro-batching.
 
     Args:
-        old_logp, rollout_logp: ``[B, T]`` log-probs of the sampled tokens under the training policy (before
-            the update) and as the rollout engine reported them; one float dtype. Data (detached).
-        mask: ``[B, T]`` bool or 0/1; masked tokens are never read into a result.
+        old_logp, rollout_logp: ``[B, T]`` (or packed ``[N]`` with ``cu_seqlens``) log-probs of the sampled
+            tokens under the training policy (before the update) and as the rollout engine reported them; one float dtype. Data (detached).
+        mask: like ``old_logp``, bool or 0/1; masked tokens are never read into a result.
+        cu_seqlens: int ``[S + 1]`` offsets of the packed sequences (0 to N), or None for ``[B, T]``.
         is_level: ``"token"`` (``log w = old_logp - rollout_logp``), ``"sequence"`` (summed over the
             sequence's unmasked tokens), clamped to +-20; None: weights of 1.
         is_threshold: a float truncates ``w`` at it (TIS); a pair ``(lo, hi)`` zeroes weights outside
@@ -74,15 +76,23 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
             take an upper bound on ``clamp(log w)^2 / 2`` / ``exp(log w) - 1 - log w`` (token value, or the
             sequence sum, mean or max over unmasked tokens).
 
-    Returns ``(weights, mask, metrics)``: ``weights`` detached fp32 ``[B, T]``, 0 outside the returned mask;
-    ``mask`` the input mask without the rejected tokens (pass it, and counts taken from it, to
+    Returns ``(weights, mask, metrics)``: ``weights`` detached fp32 shaped like ``old_logp``, 0 outside the
+    returned mask; ``mask`` the input mask without the rejected tokens (pass it, and counts taken from it, to
     ``policy_loss``); ``metrics`` 0-d fp32 device tensors: ``is_weight_mean`` / ``_min`` / ``_max`` (the
     weights before truncation, over the input mask's tokens), ``is_clipped_fraction`` (tokens truncated or
     zeroed), ``rs_token_fraction`` (tokens rejected), ``rs_sequence_fraction`` (sequences with a rejected
-    token, over all B, as verl counts). No host sync.
+    token, over all sequences, as verl counts). No host sync.
     """
     checks.dtype("old_logp", old_logp, checks.FLOATS)
-    checks.ndim("old_logp", old_logp, (2,))
+    if cu_seqlens is None:
+        checks.ndim("old_logp", old_logp, (2,))
+        rows, length = old_logp.shape
+        seq = torch.arange(rows, device=old_logp.device).repeat_interleave(length)
+    else:
+        checks.ndim("old_logp (packed, with cu_seqlens)", old_logp, (1,))
+        offsets = checks.offsets(cu_seqlens, old_logp)
+        rows = offsets.numel() - 1
+        seq = torch.searchsorted(offsets[1:], torch.arange(old_logp.numel(), device=old_logp.device), right=True)
     checks.dtype("rollout_logp", rollout_logp, (old_logp.dtype,))
     for name, t in (("rollout_logp", rollout_logp), ("mask", mask)):
         checks.tensor(name, t)
@@ -95,15 +105,20 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
                 len(bounds) == 2 and not bounds[0] <= bounds[1]):
             raise ValueError(f"is_threshold: expected a positive float or a pair lo <= hi, got {is_threshold!r}")
     rs_options = parse_rs(rs, rs_threshold) if rs is not None else []
-    mask = mask.bool()
+    shape = old_logp.shape
+    mask = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
     acc = torch.float64 if old_logp.dtype == torch.float64 else torch.float32
-    log_ratio = torch.where(mask, old_logp.to(acc) - rollout_logp.to(acc), 0)
+    log_ratio = torch.where(mask, old_logp.reshape(-1).to(acc) - rollout_logp.reshape(-1).to(acc), 0)
     tokens = mask.sum().clamp(min=1)
+    counts = torch.zeros(rows, dtype=torch.int64, device=mask.device).index_add_(0, seq, mask.long())
+
+    def seq_sum(x):
+        return torch.zeros(rows, dtype=acc, device=x.device).index_add_(0, seq, x)
+
     if is_level == "token":
         weights = torch.exp(torch.clamp(log_ratio, -SAFETY_BOUND, SAFETY_BOUND))
     elif is_level == "sequence":
-        seq_sum = log_ratio.sum(-1, keepdim=True)
-        weights = torch.exp(torch.clamp(seq_sum, -SAFETY_BOUND, SAFETY_BOUND)).expand_as(log_ratio)
+        weights = torch.exp(torch.clamp(seq_sum(log_ratio), -SAFETY_BOUND, SAFETY_BOUND))[seq]
     else:
         weights = torch.ones_like(log_ratio)
     weights = weights * mask
@@ -121,29 +136,31 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
     if rs_options:
         safe = torch.clamp(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
         stats = {"k1": -safe, "k2": 0.5 * safe ** 2, "k3": torch.exp(safe) - 1.0 - safe}
-        counts = mask.sum(-1)
         for option, lower, upper in rs_options:
             token_stat = torch.where(mask, stats[option[-2:]], 0)
             if option.startswith("token"):
                 stat = token_stat
             elif option.startswith("seq_sum"):
-                stat = token_stat.sum(-1, keepdim=True)
+                stat = seq_sum(token_stat)[seq]
             elif option.startswith("seq_mean"):
-                stat = (token_stat.sum(-1) / counts.clamp(min=1))[:, None]
+                stat = (seq_sum(token_stat) / counts.clamp(min=1))[seq]
             else:
-                masked = torch.where(mask, token_stat, -float("inf")).max(-1).values
-                stat = torch.where(counts > 0, masked, 0)[:, None]
+                masked = torch.full((rows,), -float("inf"), dtype=acc, device=mask.device).scatter_reduce_(
+                    0, seq, torch.where(mask, token_stat, -float("inf")), "amax")
+                stat = torch.where(counts > 0, masked, 0)[seq]
             ok = stat <= upper if lower is None else (stat >= lower) & (stat <= upper)
-            keep = keep & ok.expand_as(mask)
+            keep = keep & ok
     final = mask & keep
     weights = torch.where(final, weights, 0).to(torch.float32)
     any_token = mask.any()
+    rejected_sequences = torch.zeros(rows, dtype=torch.int64, device=mask.device).index_add_(
+        0, seq, (mask & ~keep).long()) > 0
     stats = torch.stack([
         raw.sum() / tokens,
         torch.where(any_token, torch.where(mask, raw, float("inf")).min(), 0),
         torch.where(any_token, torch.where(mask, raw, -float("inf")).max(), 0),
         (outside & mask).sum() / tokens,
         (mask & ~keep).sum() / tokens,
-        (mask & ~keep).any(-1).to(acc).mean(),
+        rejected_sequences.to(acc).mean(),
     ]).to(torch.float32)
-    return weights.detach(), final, {name: stats[k] for k, name in enumerate(METRICS)}
+    return weights.detach().view(shape), final.view(shape), {name: stats[k] for k, name in enumerate(METRICS)}

@@ -176,3 +176,29 @@ def test_low_precision_inputs_fp32_math(dtype):
     assert torch.equal(new_mask, want_mask)
     for name in metrics:
         torch.testing.assert_close(metrics[name], want_metrics[name], msg=name)
+
+
+@pytest.mark.parametrize("is_level,is_threshold,rs,rs_threshold,options", CASES[3:5] + CASES[8:])
+def test_packed_equals_padded(is_level, is_threshold, rs, rs_threshold, options):
+    """Packed sequences of different lengths (one empty) give the padded answer of the same tokens."""
+    old, rollout, mask = inputs(seed=15)
+    lengths = [15, 4, 0, 15, 9, 1]
+    inside = torch.arange(15)[None, :] < torch.tensor(lengths)[:, None]
+    mask = mask & inside
+    kwargs = dict(is_level=is_level, is_threshold=is_threshold, rs=rs, rs_threshold=rs_threshold)
+    want_w, want_mask, want_metrics = fastrlhf.rollout_correction(old, rollout, mask, **kwargs)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0)
+    weights, new_mask, metrics = fastrlhf.rollout_correction(old[inside], rollout[inside], mask[inside],
+                                                             cu_seqlens=cu_seqlens, **kwargs)
+    torch.testing.assert_close(weights, want_w[inside])
+    assert torch.equal(new_mask, want_mask[inside])
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], want_metrics[name], msg=name)
+
+
+def test_bad_cu_seqlens():
+    old, rollout, mask = inputs(seed=16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fastrlhf.rollout_correction(old.view(-1), rollout.view(-1), mask.view(-1), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="old_logp"):
+        fastrlhf.rollout_correction(old, rollout, mask, cu_seqlens=torch.tensor([0, 90]))
