@@ -63,7 +63,8 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
 
     Args:
         old_logp, rollout_logp: ``[B, T]`` (or packed ``[N]`` with ``cu_seqlens``) log-probs of the sampled
-            tokens under the training policy (before the update) and as the rollout engine reported them; one float dtype. Data (detached).
+            tokens under the training policy (before the update) and as the rollout engine reported them;
+            one float dtype. Data (detached).
         mask: like ``old_logp``, bool or 0/1; masked tokens are never read into a result.
         cu_seqlens: int ``[S + 1]`` offsets of the packed sequences (0 to N), or None for ``[B, T]``.
         is_level: ``"token"`` (``log w = old_logp - rollout_logp``), ``"sequence"`` (summed over the
