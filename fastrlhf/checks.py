@@ -55,6 +55,23 @@ def values_checked(value: torch.Tensor) -> bool:
     return value.device.type == "cpu" or os.environ.get("FASTRLHF_CHECKS") == "1"
 
 
+def offsets(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` checked as the int ``[S + 1]`` offsets of packed ``tokens`` (values only where
+    ``values_checked``); returned int64 contiguous."""
+    dtype("cu_seqlens", cu_seqlens, INTS)
+    ndim("cu_seqlens", cu_seqlens, (1,))
+    device("cu_seqlens", cu_seqlens, tokens.device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected at least 2 offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}")
+    if values_checked(cu_seqlens):
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != tokens.numel():
+            raise ValueError(f"cu_seqlens: expected to run from 0 to N={tokens.numel()}, got {first} to {last}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens: expected non-decreasing offsets")
+    return cu_seqlens.to(torch.int64).contiguous()
+
+
 def unit_interval(name: str, value: float | torch.Tensor) -> None:
     """``value`` (a float or a tensor) lies in [0, 1]; tensor values only where ``values_checked``."""
     if isinstance(value, torch.Tensor):
