@@ -273,9 +273,10 @@ def test_bad_input_names_the_argument():
 
 
 def test_direct_cpp_calls_check_their_inputs():
-    op = torch.ops.fastrlhf_cpp.group_advantages
+    op = backend.cpp_ops().group_advantages
     rewards, index, mask = token_inputs(B=4, T=3, seed=8, dtype=torch.float32)
     out = torch.empty_like(rewards)
+    scores = rewards[:, 0].contiguous()
     good = (rewards, index, mask, "grpo", "group", 1e-6, True, "raw", "propagate", out)
     op(*good)
     bad = [
@@ -293,8 +294,8 @@ def test_direct_cpp_calls_check_their_inputs():
         ({8: "x"}, "nan"),
         ({9: out.double()}, "out: expected dtype"),
         ({9: out[:2]}, "out: expected shape"),
-        ({0: rewards[:, 0], 2: None, 3: "opo", 9: out[:, 0].contiguous()}, "scores: estimator 'opo'"),
-        ({0: rewards[:, 0], 9: out[:, 0].contiguous()}, "mask: expected None"),
+        ({0: scores, 2: None, 3: "opo", 9: out[:, 0].contiguous()}, "scores: estimator 'opo'"),
+        ({0: scores, 9: out[:, 0].contiguous()}, "mask: expected None"),
         ({7: "error", 1: torch.arange(4)}, "singleton: group"),
     ]
     for change, message in bad:
