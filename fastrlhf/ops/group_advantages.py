@@ -6,11 +6,12 @@ implementation, so it runs under ``torch.compile(fullgraph=True)``. CPU tensors 
 CUDA tensors the Triton kernels (see ``fastrlhf.backend``).
 
 Grouping. Group ids are arbitrary (hashed uids), so the kernels group rows by sorting ``(id, row)``:
-on CPU a ``std::sort`` of B pairs inside the C++ kernel (O(B log B) on B numbers: ~0.3 ms at B = 8192,
-small next to the token passes); on CUDA ``torch.sort(index, stable=True)``, a device radix sort that
-needs no host sync, where ``torch.unique`` (the usual compaction) syncs to learn its output size. Sorting
-puts each group's members in row order, so every group statistic is summed in an order fixed by the
-group's own members: bit-identical results whatever other groups share the batch, and no atomics.
+on CPU a ``std::sort`` of B pairs inside the C++ kernel (O(B log B) on B numbers; a whole ``[B]`` call
+at B = 8192 takes under 1 ms, small next to the token passes); on CUDA ``torch.sort(index, stable=True)``,
+a device radix sort that needs no host sync, where ``torch.unique`` (the usual compaction) syncs to learn
+its output size. Sorting puts each group's members in row order, so every group statistic is summed in
+an order fixed by the group's own members: bit-identical results whatever other groups share the batch,
+and no atomics.
 """
 
 from __future__ import annotations
