@@ -249,14 +249,17 @@ void group_advantages(const at::Tensor& scores, const at::Tensor& index, const c
                   unbiased, eps};
   TORCH_CHECK_VALUE(eps >= 0, "eps: expected a value >= 0, got ", eps);
   check_cpu_contiguous(scores, "scores");
-  TORCH_CHECK_VALUE(scores.dim() == 1 || scores.dim() == 2, "scores: expected [B] or [B, T], got shape ", scores.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.dim() == 1 || scores.dim() == 2, "scores: expected [B] or [B, T], got shape ",
+                    scores.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ",
+                   scores.scalar_type());
   const int64_t rows = scores.size(0);
   const int64_t T = scores.dim() == 2 ? scores.size(1) : 1;
   check_cpu_contiguous(index, "index");
   TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong,
                    "index: expected dtype int32 or int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == rows, "index: expected shape [", rows, "], got ", index.sizes());
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == rows, "index: expected shape [", rows, "], got ",
+                    index.sizes());
   if (scores.dim() == 2) {
     TORCH_CHECK_VALUE(mask.has_value(), "mask: expected a [B, T] bool mask with [B, T] scores, got None");
     check_like(*mask, scores, "mask");

@@ -127,7 +127,8 @@ def _checked(scores, index, estimator, mask, scale, eps, unbiased, singleton, na
 def _run(scores, index, mask, estimator, scale, eps, unbiased, singleton, nan, out):
     if singleton == "error" and backend.backend_for(scores) == "triton" and checks.values_checked(scores):
         _check_no_singleton(scores, index, mask, nan)  # the C++ kernel checks as it groups
-    backend.kernels("group_advantages", scores).group_advantages(scores, index, mask, estimator, scale, float(eps), unbiased, singleton, nan, out)
+    backend.kernels("group_advantages", scores).group_advantages(scores, index, mask, estimator, scale, float(eps),
+                                                                 unbiased, singleton, nan, out)
 
 
 def _check_no_singleton(scores, index, mask, nan):
