@@ -3,12 +3,13 @@
 from fastrlhf.backend import BACKENDS, use_backend
 from fastrlhf.ops.gae import gae
 from fastrlhf.ops.linear_logprobs import linear_logprobs
+from fastrlhf.ops.linear_policy_loss import linear_policy_loss
 from fastrlhf.ops.logprobs import logprobs
 from fastrlhf.ops.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 from fastrlhf.ops.policy_loss import policy_loss
 from fastrlhf.ops.whiten import masked_whiten
 from fastrlhf.reference.rollout_correction import rollout_correction
 
-__all__ = ["BACKENDS", "dpo_loss", "gae", "linear_logprobs", "logprobs", "masked_whiten", "pairwise_sigmoid_loss",
-           "policy_loss", "reward_model_loss", "rollout_correction", "use_backend"]
+__all__ = ["BACKENDS", "dpo_loss", "gae", "linear_logprobs", "linear_policy_loss", "logprobs", "masked_whiten",
+           "pairwise_sigmoid_loss", "policy_loss", "reward_model_loss", "rollout_correction", "use_backend"]
 __version__ = "0.1.0"
