@@ -1,0 +1,108 @@
+"""Benchmark cases and verification checks of ``fastrlhf.linear_policy_loss``.
+
+Each case times a forward and backward from hidden states (ppo, k3 KL to a reference policy, entropy bonus,
+token-mean) of the fused op against the unfused path a trainer writes (``hidden @ weight.T``,
+``log_softmax``, ``gather``, the entropy, the plain-torch policy loss) and, when liger-kernel is installed,
+against Liger's ``LigerFusedLinearGRPOLoss`` (its GRPO loss with ``loss_type="dapo"``, token-level
+importance sampling and ``beta`` for the KL: the same loss without the entropy term, which Liger lacks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import fastrlhf
+from fastrlhf import reference
+from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+
+OPTIONS = dict(loss_type="ppo", clip_low=0.2, clip_high=0.2, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
+
+
+def _inputs(tokens: int, hidden: int, vocab: int, dtype=torch.float32, seed=0):
+    """One sequence of ``tokens`` tokens: hidden states, lm_head, sampled labels, and old/reference log-probs
+    near the current policy's (ratios around 1, a few clipped)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * (3.0 / hidden ** 0.5)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    with torch.no_grad():
+        logp = fastrlhf.linear_logprobs(h, w, labels)
+    old_logp = logp + 0.1 * torch.randn(1, tokens, generator=g)
+    ref_logp = logp + 0.1 * torch.randn(1, tokens, generator=g)
+    advantages = torch.randn(1, tokens, generator=g)
+    return h, w, labels, old_logp, advantages, ref_logp
+
+
+def fused(h, w, labels, old_logp, advantages, ref_logp, entropy_coef=OPTIONS["entropy_coef"]):
+    """(loss, grad hidden, grad weight) of fastrlhf.linear_policy_loss."""
+    loss, _ = fastrlhf.linear_policy_loss(h, w, labels, old_logp, advantages, ref_logp=ref_logp,
+                                          **{**OPTIONS, "entropy_coef": entropy_coef})
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def unfused(h, w, labels, old_logp, advantages, ref_logp, entropy_coef=OPTIONS["entropy_coef"]):
+    """The whole logits tensor, ``log_softmax``, ``gather`` and the entropy, then the plain-torch loss."""
+    logp_all = F.linear(h, w).float().log_softmax(-1)
+    logp = torch.gather(logp_all, -1, labels[..., None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    loss, _ = reference.policy_loss(logp, old_logp, advantages, ref_logp=ref_logp, entropy=entropy,
+                                    **{**OPTIONS, "entropy_coef": entropy_coef})
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def liger(h, w, labels, old_logp, advantages, ref_logp):
+    """Liger's chunked GRPO loss with the same clipping, token-mean aggregation and k3 KL (no entropy term)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_fn = LigerFusedLinearGRPOLoss(beta=OPTIONS["kl_coef"], loss_type="dapo", epsilon_low=OPTIONS["clip_low"],
+                                       epsilon_high=OPTIONS["clip_high"], use_ref_model=True, temperature=1.0)
+    loss, *_ = loss_fn(h, w, labels, torch.ones_like(labels), advantages[:, 0], ref_per_token_logps=ref_logp,
+                       old_per_token_logps=old_logp)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def _same(got, want):
+    for name, x, y in zip(("loss", "grad hidden", "grad weight"), got, want):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def cases(quick: bool) -> list[Case]:
+    shapes = [(512, 256, 8000)] if quick else [(4096, 1024, 32000)]
+    references = {"unfused log_softmax+loss": unfused}
+    if importlib.util.find_spec("liger_kernel") is not None:
+        references["Liger LigerFusedLinearGRPOLoss"] = liger
+    out = []
+    for tokens, hidden, vocab in shapes:
+        # Floor: hidden and weight read, their gradients written, five [N] per-token inputs read.
+        floor = 4 * 2 * (tokens + vocab) * hidden + tokens * (8 + 4 * 4)
+        out.append(Case("linear_policy_loss fwd+bwd", f"N={tokens} H={hidden} V={vocab} fp32",
+                        lambda t=tokens, h=hidden, v=vocab: _inputs(t, h, v), fused, references, floor, _same,
+                        x=tokens))
+    return out
+
+
+def checks() -> list[Check]:
+    grid = [(1, 8, 5), (37, 24, 301), (130, 64, 1000)]
+    return [Check("linear_policy_loss", f"N={n} H={h} V={v}", dtype,
+                  lambda device, n=n, h=h, v=v, dtype=dtype: _check(n, h, v, dtype, device))
+            for n, h, v in grid for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Loss and gradients of the op, the float64 reference, and PyTorch in ``dtype``."""
+    h, w, labels, old_logp, advantages, ref_logp = (
+        t.detach().double() if t.is_floating_point() else t for t in _inputs(tokens, hidden, vocab, seed=tokens))
+
+    def run(fn, dt, dev):
+        leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (h, w)]
+        data = [x.to(device=dev, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+                for x in (old_logp, advantages, ref_logp)]
+        loss, _ = fn(leaves[0], leaves[1], labels.to(dev), data[0], data[1], ref_logp=data[2], chunk_size=16,
+                     **OPTIONS)
+        return outputs_and_grads([loss], leaves, [torch.ones((), dtype=torch.float64)])
+
+    return errors(("loss", "grad hidden", "grad weight"), run, fastrlhf.linear_policy_loss,
+                  reference.linear_policy_loss, reference.linear_policy_loss, dtype, device)
