@@ -1,4 +1,10 @@
-"""Shared by the integration tests: the packages' own functions are compared before and after patching."""
+"""Shared by the integration tests: the packages' own functions are compared before and after patching.
+
+A test module here skips when the package it patches is not installed, except with
+``FASTRLHF_REQUIRE_INTEGRATIONS=1`` (set by ``.ci/run``, which installs them all), where that skip is a failure.
+"""
+
+import os
 
 import pytest
 import torch
@@ -40,6 +46,15 @@ def assert_matches_original(call, patch, args, grads=True):
         assert got.shape == want.shape, i
         error, bound = error_and_bound(got, want, same)
         assert error <= bound, f"output/gradient {i}: error {error:.3e} > bound {bound:.3e}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if report.skipped and os.environ.get("FASTRLHF_REQUIRE_INTEGRATIONS") == "1":
+        report.outcome = "failed"
+        report.longrepr = f"FASTRLHF_REQUIRE_INTEGRATIONS=1, but {collector.nodeid} skipped: {report.longrepr[-1]}"
+    return report
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 
 from fastrlhf.integrations import openrlhf as integration
 
-pytest.importorskip("openrlhf", reason="openrlhf is not installed: pip install 'fastrlhf[integrations]'")
+pytest.importorskip("openrlhf", reason="openrlhf is not installed: .ci/install-integrations")
 for dependency in ("deepspeed", "peft", "ray", "torchdata", "pylatexenc", "aiohttp"):
     pytest.importorskip(dependency, reason=f"{dependency}, which openrlhf imports, is not installed")
 

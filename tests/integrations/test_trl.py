@@ -6,7 +6,7 @@ import torch
 from fastrlhf.integrations import trl as integration
 
 trl_utils = pytest.importorskip("trl.trainer.utils",
-                                reason="trl is not installed: pip install 'fastrlhf[integrations]'")
+                                reason="trl is not installed: .ci/install-integrations")
 
 
 def inputs(dtype, shape=(3, 17), V=1000, seed=0):

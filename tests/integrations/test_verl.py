@@ -6,7 +6,7 @@ import torch
 from fastrlhf.integrations import verl as integration
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl (with ray, tensordict, omegaconf, "
-                                 "hydra-core, codetiming) is not installed: pip install 'fastrlhf[integrations]'")
+                                 "hydra-core, codetiming) is not installed: .ci/install-integrations")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 
 
