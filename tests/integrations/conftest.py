@@ -57,7 +57,32 @@ def pytest_make_collect_report(collector):
     return report
 
 
+def assert_dtypes(call, patch, args):
+    """``call(*args)`` returns fp32 floating outputs (fp64 for fp64 inputs) after ``patch()``, and after
+    ``patch(match_dtype=True)`` the dtypes the package's own function returns, with the values the
+    default patch gives, rounded."""
+    def outputs():
+        out = call(*args)
+        return [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+
+    before = outputs()
+    with patch():
+        default = outputs()
+    with patch(match_dtype=True):
+        matched = outputs()
+    assert [o.dtype for o in matched] == [o.dtype for o in before]
+    wide = torch.float64 if any(a.dtype == torch.float64 for a in args if _floating(a)) else torch.float32
+    assert [o.dtype for o in default] == [wide if o.is_floating_point() else o.dtype for o in before]
+    for got, fp32 in zip(matched, default):
+        assert torch.equal(got, fp32.to(got.dtype))
+
+
 @pytest.fixture
 def matches_original():
     return assert_matches_original
+
+
+@pytest.fixture
+def dtypes_match():
+    return assert_dtypes
 

@@ -89,6 +89,14 @@ def test_entropy(modules, matches_original):
     matches_original(lambda x: modules.utils.compute_entropy(x), integration.patch, logits_and_labels(seed=3)[:1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_match_dtype(modules, dtypes_match, dtype):
+    logits, labels = logits_and_labels(seed=6)
+    logits = logits.to(dtype)
+    dtypes_match(lambda x, y: modules.utils.log_probs_from_logits(x, y), integration.patch, (logits, labels))
+    dtypes_match(lambda x: modules.utils.compute_entropy(x), integration.patch, (logits,))
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_gae(modules, matches_original, masked):
     maker = modules.experience_maker.RemoteExperienceMaker
