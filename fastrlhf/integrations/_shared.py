@@ -1,6 +1,10 @@
-"""Entropy alone from ``fastrlhf.logprobs``, as the verl, TRL and OpenRLHF integrations all need it."""
+"""What the verl, TRL and OpenRLHF integrations share: entropy alone from ``fastrlhf.logprobs``, and the
+``match_dtype`` option of their ``patch()``."""
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -12,3 +16,29 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     labels are a dummy 0."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     return fastrlhf.logprobs(logits, labels, return_entropy=True)[1]
+
+
+def matching_dtype(factory: Callable, match_dtype: bool, original_dtype: Callable[..., torch.dtype]) -> Callable:
+    """``factory`` (original -> replacement), whose replacement returns fastrlhf's fp32 (fp64) log-probs or
+    entropies; with ``match_dtype``, each floating tensor it returns (alone or in a tuple; None and boolean
+    outputs pass) is cast to ``original_dtype(*args, **kwargs)``, the dtype the package's own function
+    returns for the same call (the cast's backward passes the gradient through to fp32)."""
+    if not match_dtype:
+        return factory
+
+    def matched_factory(original):
+        replacement = factory(original)
+
+        @functools.wraps(original)
+        def matched(*args, **kwargs):
+            dtype = original_dtype(*args, **kwargs)
+            out = replacement(*args, **kwargs)
+            cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+            return tuple(cast(x) for x in out) if isinstance(out, tuple) else cast(out)
+        return matched
+    return matched_factory
+
+
+def logits_dtype(logits: torch.Tensor, *args, **kwargs) -> torch.dtype:
+    """The dtype of the first argument, the logits: what plain-torch paths (log_softmax, softmax) return."""
+    return logits.dtype

@@ -18,6 +18,9 @@ Replaced:
 - ``DPOLoss.forward``: ``fastrlhf.dpo_loss`` (``sigmoid`` with label smoothing, or ``ipo``, where
   OpenRLHF ignores the smoothing); the per-pair implicit rewards are returned as before.
 
+``patch(match_dtype=True)`` returns the log-probs and entropies in the logits' dtype, as OpenRLHF's own
+functions do (but for fp64 logits with flash-attn installed, where its log-probs are fp32).
+
 ``openrlhf.models`` imports flash-attn, DeepSpeed and PEFT, so ``patch()`` needs those installed.
 """
 
@@ -30,7 +33,7 @@ import torch
 
 import fastrlhf
 from fastrlhf.integrations._patch import Patched, require
-from fastrlhf.integrations._shared import entropy
+from fastrlhf.integrations._shared import entropy, logits_dtype, matching_dtype
 
 TESTED = ("0.11.",)
 MODULES = ("openrlhf.models.utils", "openrlhf.models.loss")
@@ -38,10 +41,12 @@ EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def patch() -> Patched:
-    """Replaces OpenRLHF's functions listed in this module's docstring; returns the handle that restores them."""
+def patch(match_dtype: bool = False) -> Patched:
+    """Replaces OpenRLHF's functions listed in this module's docstring; returns the handle that restores them.
+
+    ``match_dtype``: log-probs and entropies in the logits' dtype (see above) rather than fp32."""
     require("openrlhf", MODULES, TESTED)
-    targets = replacements()
+    targets = replacements(match_dtype)
     try:
         require("openrlhf", (EXPERIENCE,), TESTED)
     except ImportError as err:
@@ -50,10 +55,11 @@ def patch() -> Patched:
     return Patched("openrlhf", targets)
 
 
-def replacements():
+def replacements(match_dtype: bool = False):
     return {
-        "openrlhf.models.utils:log_probs_from_logits": log_probs_from_logits,
-        "openrlhf.models.utils:compute_entropy": compute_entropy,
+        "openrlhf.models.utils:log_probs_from_logits": matching_dtype(log_probs_from_logits, match_dtype,
+                                                                      logits_dtype),
+        "openrlhf.models.utils:compute_entropy": matching_dtype(compute_entropy, match_dtype, logits_dtype),
         f"{EXPERIENCE}:RemoteExperienceMaker.get_advantages_and_returns": get_advantages_and_returns,
         "openrlhf.models.loss:PairWiseLoss.forward": pairwise_loss_forward,
         "openrlhf.models.loss:LogExpLoss.forward": log_exp_loss_forward,

@@ -13,6 +13,10 @@ Replaced (each where fastrlhf computes the same thing; other inputs go to verl's
   later use of the overwritten logits raises instead of reading gradients.
 - ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32 (fp64 for fp64).
 
+``patch(match_dtype=True)`` returns the log-probs and entropies in the dtype verl's own function returns
+for the same call instead: the logits' dtype for ``entropy_from_logits`` on every device, and for
+``logprobs_from_logits`` unless verl's flash-attention cross-entropy path is on (fp32 there).
+
 verl runs its workers in Ray processes: call ``patch()`` in each of them (before the workers build
 their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then), not only in the driver.
 """
@@ -20,30 +24,45 @@ their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then)
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import torch
 
 import fastrlhf
 from fastrlhf.integrations._patch import Patched, require
-from fastrlhf.integrations._shared import entropy
+from fastrlhf.integrations._shared import entropy, logits_dtype, matching_dtype
 
 TESTED = ("0.9.",)
 MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos")
 
 
-def patch() -> Patched:
-    """Replaces verl's functions listed in this module's docstring; returns the handle that restores them."""
+def patch(match_dtype: bool = False) -> Patched:
+    """Replaces verl's functions listed in this module's docstring; returns the handle that restores them.
+
+    ``match_dtype``: log-probs and entropies in the dtype verl's own function returns (see above) rather
+    than fp32."""
     require("verl", MODULES, TESTED)
-    return Patched("verl", replacements())
+    return Patched("verl", replacements(match_dtype))
 
 
-def replacements():
+def replacements(match_dtype: bool = False):
     return {
         "verl.trainer.ppo.core_algos:compute_gae_advantage_return": compute_gae_advantage_return,
         "verl.utils.torch_functional:masked_whiten": masked_whiten,
-        "verl.utils.torch_functional:logprobs_from_logits": logprobs_from_logits,
-        "verl.utils.torch_functional:entropy_from_logits": entropy_from_logits,
+        "verl.utils.torch_functional:logprobs_from_logits": matching_dtype(logprobs_from_logits, match_dtype,
+                                                                           _logprobs_dtype),
+        "verl.utils.torch_functional:entropy_from_logits": matching_dtype(entropy_from_logits, match_dtype,
+                                                                          logits_dtype),
     }
+
+
+def _logprobs_dtype(logits, *args, **kwargs) -> torch.dtype:
+    """What verl's ``logprobs_from_logits`` returns: fp32 from flash-attention's cross-entropy when verl
+    uses it, else the logits' dtype (its log_softmax/logsumexp path)."""
+    verl_F = sys.modules["verl.utils.torch_functional"]
+    flash = verl_F.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+    return torch.float32 if flash else logits.dtype
 
 
 def compute_gae_advantage_return(original):

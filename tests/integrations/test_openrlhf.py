@@ -16,7 +16,7 @@ import torch
 
 from fastrlhf.integrations import openrlhf as integration
 
-pytest.importorskip("openrlhf", reason="openrlhf is not installed: pip install 'fastrlhf[integrations]'")
+pytest.importorskip("openrlhf", reason="openrlhf is not installed: .ci/install-integrations")
 for dependency in ("deepspeed", "peft", "ray", "torchdata", "pylatexenc", "aiohttp"):
     pytest.importorskip(dependency, reason=f"{dependency}, which openrlhf imports, is not installed")
 
@@ -87,6 +87,14 @@ def test_temperature_scales_the_callers_logits_in_place(modules):
 
 def test_entropy(modules, matches_original):
     matches_original(lambda x: modules.utils.compute_entropy(x), integration.patch, logits_and_labels(seed=3)[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_match_dtype(modules, dtypes_match, dtype):
+    logits, labels = logits_and_labels(seed=6)
+    logits = logits.to(dtype)
+    dtypes_match(lambda x, y: modules.utils.log_probs_from_logits(x, y), integration.patch, (logits, labels))
+    dtypes_match(lambda x: modules.utils.compute_entropy(x), integration.patch, (logits,))
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -8,7 +8,7 @@ import fastrlhf
 from fastrlhf.integrations.transformers import causal_lm_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
-                                   "pip install 'fastrlhf[integrations]'")
+                                   ".ci/install-integrations")
 
 B, T, V = 3, 12, 301
 

@@ -6,7 +6,7 @@ import torch
 from fastrlhf.integrations import trl as integration
 
 trl_utils = pytest.importorskip("trl.trainer.utils",
-                                reason="trl is not installed: pip install 'fastrlhf[integrations]'")
+                                reason="trl is not installed: .ci/install-integrations")
 
 
 def inputs(dtype, shape=(3, 17), V=1000, seed=0):
@@ -39,6 +39,26 @@ def test_log_softmax_and_entropy(matches_original, entropy_requires_grad):
     call = lambda x, i, m: trl_utils.selective_log_softmax_and_entropy(  # noqa: E731
         x, i, entropy_requires_grad, 0.8, m)
     matches_original(call, integration.patch, (logits, index, row_mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_match_dtype(dtypes_match, dtype):
+    logits, index, row_mask = inputs(dtype, seed=3)
+    dtypes_match(lambda x, i, m: trl_utils.selective_log_softmax(x, i, 0.9, m), integration.patch,
+                 (logits, index, row_mask))
+    dtypes_match(lambda x: trl_utils.entropy_from_logits(x), integration.patch, (logits,))
+    dtypes_match(lambda x, i, m: trl_utils.selective_log_softmax_and_entropy(x, i, False, 0.9, m),
+                 integration.patch, (logits, index, row_mask))
+
+
+def test_match_dtype_follows_trls_kernel_path(monkeypatch):
+    """Where TRL's own test sends the inputs to its Triton kernel, TRL returns fp32."""
+    logits, index, _ = inputs(torch.bfloat16, seed=4)
+    monkeypatch.setattr(trl_utils, "is_triton_available", lambda: True)
+    monkeypatch.setattr(trl_utils, "_supports_trl_loss_kernel", lambda *args: True)
+    with integration.patch(match_dtype=True):
+        assert trl_utils.selective_log_softmax(logits, index).dtype == torch.float32
+        assert trl_utils.entropy_from_logits(logits).dtype == torch.float32
 
 
 def test_uncovered_forms_go_to_trl():
@@ -99,6 +119,45 @@ def test_fused_lm_head(outputs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, grad in after[1].items():
         torch.testing.assert_close(grad, before[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def head(dtype=torch.float32, N=40, H=16, V=301, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, H, generator=g).to(dtype), (torch.randn(V, H, generator=g) / H**0.5).to(dtype),
+            torch.randint(0, V, (N,), generator=g))
+
+
+def test_chunked_logprob_defaults_to_every_output(monkeypatch):
+    """TRL 1.16's default ``outputs`` is every optional output: a call without it gets all five, as TRL's
+    own function gives them (on TRL's kernel until fastrlhf computes the last three)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight, targets = head()
+    want = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64)
+    with integration.patch():
+        got = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64)
+    assert len(got) == 5 and all(x is not None for x in got)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64, 4096])
+def test_chunked_logprob_accepts_trls_chunk_size(matches_original, chunk_size):
+    """``chunk_size`` is TRL's vocab tile width; fastrlhf tiles on its own, with the same results."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    call = lambda h, w, t: ChunkedLogProbFunction.apply(  # noqa: E731
+        h, w, None, t, 0.7, chunk_size, None, 1.0, ("log_probs", "entropy"))[:2]
+    matches_original(call, integration.patch, head())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_logprob_match_dtype(dtypes_match, dtype):
+    from trl.kernels import ChunkedLogProbFunction
+
+    call = lambda h, w, t: ChunkedLogProbFunction.apply(  # noqa: E731
+        h, w, None, t, 1.0, 64, None, 1.0, ("log_probs", "entropy"))
+    dtypes_match(call, integration.patch, head(dtype))
 
 
 def test_fused_lm_head_uses_linear_logprobs_only_where_it_covers(monkeypatch):

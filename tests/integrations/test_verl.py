@@ -6,7 +6,7 @@ import torch
 from fastrlhf.integrations import verl as integration
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl (with ray, tensordict, omegaconf, "
-                                 "hydra-core, codetiming) is not installed: pip install 'fastrlhf[integrations]'")
+                                 "hydra-core, codetiming) is not installed: .ci/install-integrations")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 
 
@@ -49,6 +49,25 @@ def test_logprobs_and_entropy(matches_original, dtype):
     matches_original(lambda x, y: verl_F.logprobs_from_logits(x, y, inplace_backward=False), integration.patch,
                      (logits, labels))
     matches_original(lambda x: verl_F.entropy_from_logits(x), integration.patch, (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_match_dtype(dtypes_match, dtype):
+    logits, labels = logits_and_labels(dtype, seed=6)
+    dtypes_match(lambda x, y: verl_F.logprobs_from_logits(x, y, inplace_backward=False), integration.patch,
+                 (logits, labels))
+    dtypes_match(lambda x: verl_F.entropy_from_logits(x), integration.patch, (logits,))
+
+
+def test_match_dtype_follows_verls_flash_attention_path(monkeypatch):
+    """With flash-attention's cross-entropy, verl's log-probs are fp32 whatever the logits' dtype."""
+    logits, labels = logits_and_labels(torch.bfloat16, seed=7)
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+    with integration.patch(match_dtype=True):
+        assert verl_F.logprobs_from_logits(logits, labels).dtype == torch.float32
+        assert verl_F.entropy_from_logits(logits).dtype == torch.bfloat16
+        monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
+        assert verl_F.logprobs_from_logits(logits, labels).dtype == torch.bfloat16
 
 
 def test_inplace_backward_gives_the_same_gradient():
