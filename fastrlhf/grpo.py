@@ -82,13 +82,8 @@ class Experience:
 class GRPOTrainer(PolicyTrainer):
     """GRPO (and Dr. GRPO, RLOO, REINFORCE++-baseline, OPO) on a causal LM against a learned reward model.
 
-    Args:
-        policy: the LM to train (``policy(ids) -> hidden``, ``policy.output_weight``): a ``TinyGPT``, an
-            ``HFCausalLM``, or a Hugging Face causal LM (wrapped in ``HFCausalLM`` here).
-        reward_model: a ``ValueModel`` (frozen here).
-        config: a ``GRPOConfig``.
-        impl: ``"fused"`` (fastrlhf's ops) or ``"reference"`` (their plain-torch references: log-probs and
-            loss from the full logits).
+    Args: ``policy`` and ``impl`` as for ``PPOTrainer`` (``impl="reference"``: log-probs and loss in plain
+    torch from the full logits); ``reward_model`` a ``ValueModel`` (frozen here); ``config`` a ``GRPOConfig``.
 
     The reference policy is a frozen copy of ``policy`` as given. Under ``torch.distributed`` (one
     process per rank, e.g. ``torchrun``) the policy is wrapped in DDP; every rank must pass the same

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from fastrlhf.models import TinyGPT, TinyGPTConfig, ValueModel
 from fastrlhf.grpo import GRPOConfig, GRPOTrainer
@@ -92,6 +93,25 @@ def assert_fused_equals_reference_first_step(algo, fields, **overrides):
     assert_same_params(fused[4], reference[4], rtol=1e-4, atol=1e-6)
 
 
+def assert_resume_gives_the_same_next_step(tmp_path, algo, keys, **overrides):
+    """A run saved after one step and resumed takes the same second step, bit for bit, as a run that
+    never stopped: parameters, and the metrics ``keys``."""
+    prompts = (batch() if algo == "ppo" else grpo_batch())[0]
+    straight = trainer(algo=algo, **overrides)
+    straight.step(prompts)
+    expected = straight.step(prompts)
+
+    first = trainer(algo=algo, **overrides)
+    first.step(prompts)
+    first.save(tmp_path / "run.ckpt")
+    resumed = trainer(algo=algo, **overrides)
+    resumed.load(tmp_path / "run.ckpt")
+    got = resumed.step(prompts)
+    assert_same_params(params(straight), params(resumed), rtol=0, atol=0)
+    assert all(got[k] == expected[k] for k in keys)
+    assert resumed.step_count == 2
+
+
 DDP_OVERRIDES = {
     "ppo": {"reward_norm": True, "kl_target": 0.5, "micro_batch_size": 2, "loss_agg": "seq-mean-token-mean"},
     # batch statistics in the advantages (whitening over the batch), and in the scores
@@ -119,3 +139,30 @@ def ddp_worker(rank, world, init_file, out_dir, algo="ppo"):
     os._exit(0)
 
 
+
+
+def assert_ddp_matches_one_batch(tmp_path, algo, keys):
+    """Two gloo ranks, each with half the batch, end two steps with the parameters and the metrics
+    ``keys`` of one process on the whole batch."""
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), algo), nprocs=2, join=True)
+    single = trainer(sgd=True, algo=algo, **DDP_OVERRIDES[algo])
+    prompts, responses = batch() if algo == "ppo" else grpo_batch()
+    expected = [single.step(prompts, responses) for _ in range(2)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_same_params(params(single), got["params"], rtol=1e-4, atol=1e-5)
+        for key in keys:
+            assert got["metrics"][-1][key] == pytest.approx(expected[-1][key], rel=1e-4, abs=1e-6), key
+
+
+def hugging_face_models():
+    """A tiny GPT-2 policy and a reward model on another, or a skip without transformers."""
+    transformers = pytest.importorskip("transformers")
+    from fastrlhf.models import HFCausalLM
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=8, n_embd=16, n_layer=1, n_head=2,
+                                                                    n_positions=P + R))
+
+    return gpt2(), ValueModel(HFCausalLM(gpt2()))

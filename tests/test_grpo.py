@@ -1,9 +1,9 @@
+import math
 import os
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastrlhf import checkpoint, reference
 from fastrlhf.grpo import GRPOConfig, GRPOTrainer
@@ -12,8 +12,9 @@ from fastrlhf.sampling import response_mask
 
 # the DDP test's worker processes import the helpers by module name, so they live on sys.path
 sys.path.insert(0, os.path.dirname(__file__))
-from ppo_helpers import (DDP_OVERRIDES, EOS, PAD, N, P, R, assert_fused_equals_reference_first_step,  # noqa: E402
-                         assert_same_params, config, ddp_worker, grpo_batch, models, params, trainer)
+from ppo_helpers import (EOS, N, P, assert_ddp_matches_one_batch,  # noqa: E402
+                         assert_fused_equals_reference_first_step, assert_resume_gives_the_same_next_step,
+                         assert_same_params, config, grpo_batch, hugging_face_models, models, params, trainer)
 
 
 def test_config_rejects_unknown_options():
@@ -69,21 +70,8 @@ def test_target_kl_stops_the_epochs():
 
 
 def test_resume_gives_the_same_next_step(tmp_path):
-    prompts, _ = grpo_batch()
-    overrides = {"algo": "grpo", "reward_norm": True, "num_minibatches": 2}
-    straight = trainer(**overrides)
-    straight.step(prompts)
-    expected = straight.step(prompts)
-
-    first = trainer(**overrides)
-    first.step(prompts)
-    first.save(tmp_path / "run.ckpt")
-    resumed = trainer(**overrides)
-    resumed.load(tmp_path / "run.ckpt")
-    got = resumed.step(prompts)
-    assert_same_params(params(straight), params(resumed), rtol=0, atol=0)
-    assert got["score"] == expected["score"] and got["policy_loss"] == expected["policy_loss"]
-    assert resumed.step_count == 2
+    assert_resume_gives_the_same_next_step(tmp_path, "grpo", ("score", "policy_loss"), reward_norm=True,
+                                           num_minibatches=2)
 
 
 def test_checkpoints_of_another_run_are_rejected(tmp_path):
@@ -102,28 +90,13 @@ def test_reference_impl_runs_the_plain_torch_ops():
 
 
 def test_two_process_ddp_matches_one_process_on_the_union_batch(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "grpo"), nprocs=2, join=True)
-    single = trainer(sgd=True, algo="grpo", **DDP_OVERRIDES["grpo"])
-    prompts, responses = grpo_batch()
-    expected = [single.step(prompts, responses) for _ in range(2)]
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_same_params(params(single), got["params"], rtol=1e-4, atol=1e-5)
-        for key in ("score", "kl", "policy_loss", "kl_loss", "entropy", "approx_kl", "clipfrac"):
-            assert got["metrics"][-1][key] == pytest.approx(expected[-1][key], rel=1e-4, abs=1e-6), key
+    assert_ddp_matches_one_batch(tmp_path, "grpo", ("score", "kl", "policy_loss", "kl_loss", "entropy", "approx_kl",
+                                                    "clipfrac"))
 
 
 def test_hugging_face_policy_and_reward_model():
-    transformers = pytest.importorskip("transformers")
-    from fastrlhf.models import HFCausalLM, ValueModel
-
-    def gpt2():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=8, n_embd=16, n_layer=1, n_head=2,
-                                                                    n_positions=P + R))
-
-    t = GRPOTrainer(gpt2(), ValueModel(HFCausalLM(gpt2())), config("grpo"))
+    t = GRPOTrainer(*hugging_face_models(), config("grpo"))
     before = params(t)
     metrics = t.step(*grpo_batch())
-    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("policy_loss", "kl_loss", "kl", "approx_kl"))
+    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "kl_loss", "kl", "approx_kl"))
     assert any(not torch.equal(a, b) for a, b in zip(before, params(t)))

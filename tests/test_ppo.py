@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastrlhf import checkpoint
 from fastrlhf.models import ValueModel
@@ -13,8 +12,9 @@ from fastrlhf.ppo import KLController, PPOTrainer, aggregate, kl_estimate, value
 
 # the DDP test's worker processes import the helpers by module name, so they live on sys.path
 sys.path.insert(0, os.path.dirname(__file__))
-from ppo_helpers import (DDP_OVERRIDES, EOS, P, PAD, R, assert_fused_equals_reference_first_step,  # noqa: E402
-                         assert_same_params, batch, config, ddp_worker, models, params, trainer)
+from ppo_helpers import (EOS, P, PAD, assert_ddp_matches_one_batch,  # noqa: E402
+                         assert_fused_equals_reference_first_step, assert_resume_gives_the_same_next_step,
+                         assert_same_params, batch, config, hugging_face_models, models, params, trainer)
 
 
 # -- loss terms against float64 formulas written out element by element ----------------------------
@@ -142,21 +142,8 @@ def test_target_kl_stops_the_epochs():
 
 
 def test_resume_gives_the_same_next_step(tmp_path):
-    prompts, _ = batch()
-    overrides = {"kl_target": 0.5, "reward_norm": True, "num_minibatches": 2}
-    straight = trainer(**overrides)
-    straight.step(prompts)
-    expected = straight.step(prompts)
-
-    first = trainer(**overrides)
-    first.step(prompts)
-    first.save(tmp_path / "run.ckpt")
-    resumed = trainer(**overrides)
-    resumed.load(tmp_path / "run.ckpt")
-    got = resumed.step(prompts)
-    assert_same_params(params(straight), params(resumed), rtol=0, atol=0)
-    assert got["score"] == expected["score"] and got["kl_coef"] == expected["kl_coef"]
-    assert resumed.step_count == 2
+    assert_resume_gives_the_same_next_step(tmp_path, "ppo", ("score", "kl_coef"), kl_target=0.5, reward_norm=True,
+                                           num_minibatches=2)
 
 
 def test_bad_checkpoints_are_rejected_and_change_nothing(tmp_path):
@@ -206,29 +193,14 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 # -- DistributedDataParallel -----------------------------------------------------------------------
 
 def test_two_process_ddp_matches_one_process_on_the_union_batch(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    single = trainer(sgd=True, **DDP_OVERRIDES["ppo"])
-    prompts, responses = batch()
-    expected = [single.step(prompts, responses) for _ in range(2)]
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_same_params(params(single), got["params"], rtol=1e-4, atol=1e-5)
-        for key in ("score", "kl", "policy_loss", "value_loss", "kl_coef", "explained_variance"):
-            assert got["metrics"][-1][key] == pytest.approx(expected[-1][key], rel=1e-4, abs=1e-6), key
+    assert_ddp_matches_one_batch(tmp_path, "ppo", ("score", "kl", "policy_loss", "value_loss", "kl_coef",
+                                                   "explained_variance"))
 
 
 def test_hugging_face_policy_and_reward_model():
-    transformers = pytest.importorskip("transformers")
-    from fastrlhf.models import HFCausalLM
-
-    def gpt2():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=8, n_embd=16, n_layer=1, n_head=2,
-                                                                    n_positions=P + R))
-
-    t = PPOTrainer(gpt2(), ValueModel(HFCausalLM(gpt2())), config())
+    t = PPOTrainer(*hugging_face_models(), config())
     assert t.critic.backbone.output_weight.requires_grad  # tied to the input embedding, so still trained
     before = params(t)
     metrics = t.step(*batch())
-    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "kl", "entropy"))
+    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "kl", "approx_kl"))
     assert any(not torch.equal(a, b) for a, b in zip(before, params(t)))
