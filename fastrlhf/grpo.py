@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import checks
-from fastrlhf.policy_trainer import PolicyTrainer, RLConfig
+from fastrlhf.policy_trainer import Experience, PolicyTrainer, RLConfig
 
 ESTIMATORS = ("grpo", "rloo", "reinforce++-baseline", "opo")
 SCALES = ("group", "batch", "none")
@@ -67,16 +67,6 @@ class GRPOConfig(RLConfig):
         checks.one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.n < 1:
             raise ValueError(f"n: expected at least 1 response per prompt, got {self.n}")
-
-
-@dataclass
-class Experience:
-    """One rollout batch of ``B = prompts x n`` responses, ``[B, P + R]`` ids and ``[B, R]`` tensors."""
-    ids: Tensor
-    mask: Tensor
-    old_logp: Tensor
-    ref_logp: Tensor
-    advantages: Tensor
 
 
 class GRPOTrainer(PolicyTrainer):

@@ -71,6 +71,17 @@ class RLConfig:
             raise ValueError(f"dual_clip: expected a value > 1, got {self.dual_clip}")
 
 
+@dataclass
+class Experience:
+    """One rollout batch, ``[B, P + R]`` ids and ``[B, R]`` per-response-token tensors: what the policy
+    loss reads (PPO's adds the critic's values and the returns)."""
+    ids: Tensor
+    mask: Tensor
+    old_logp: Tensor
+    ref_logp: Tensor
+    advantages: Tensor
+
+
 class RunningMoments:
     """Running mean and standard deviation of every score seen (Chan et al.'s parallel update)."""
 
@@ -166,7 +177,7 @@ class PolicyTrainer:
 
     # -- the update ------------------------------------------------------------------------------------
 
-    def _update(self, exp) -> dict[str, float]:
+    def _update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the experience ``exp``
         (``exp.mask`` ``[B, R]``), each split into ``micro_batch_size`` accumulation steps; gradient
         clipping per parameter group; the ``target_kl`` stop. Returns each metric's mean over the updates,
@@ -204,13 +215,13 @@ class PolicyTrainer:
                 break
         return {**{k: v / updates for k, v in totals.items()}, "updates": updates}
 
-    def _loss(self, exp, rows: Tensor, tokens: float, sequences: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, exp: Experience, rows: Tensor, tokens: float, sequences: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The micro-batch ``rows``' share of the minibatch loss (``tokens`` and ``sequences`` count the
         minibatch on all ranks), and its shares of the metrics (0-d tensors that add up, over the
         micro-batches and ranks, to the minibatch's values)."""
         raise NotImplementedError
 
-    def _policy_loss(self, exp, rows: Tensor, tokens: float, sequences: float, **options) -> tuple[Tensor, dict]:
+    def _policy_loss(self, exp: Experience, rows: Tensor, tokens: float, sequences: float, **options) -> tuple[Tensor, dict]:
         """``linear_policy_loss`` of the micro-batch ``rows`` from the policy's last hidden states and LM
         head (the logits never exist), with this config's clipping, entropy bonus and aggregation over the
         global counts; ``options`` add the algorithm's own (loss type, KL term). Returns the loss and its

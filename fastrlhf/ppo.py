@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastrlhf import checks
 from fastrlhf.models import disable_dropout, freeze_unread_lm_head
-from fastrlhf.policy_trainer import PolicyTrainer, RLConfig
+from fastrlhf.policy_trainer import Experience, PolicyTrainer, RLConfig
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -120,14 +120,9 @@ class KLController:
 
 
 @dataclass
-class Experience:
-    """One rollout batch, ``[B, P + R]`` ids and ``[B, R]`` per-response-token tensors."""
-    ids: Tensor
-    mask: Tensor
-    old_logp: Tensor
-    ref_logp: Tensor
+class PPOExperience(Experience):
+    """``Experience`` with the critic's ``values`` and the GAE ``returns``, ``[B, R]``."""
     values: Tensor
-    advantages: Tensor
     returns: Tensor
 
 
@@ -172,7 +167,7 @@ class PPOTrainer(PolicyTrainer):
         return self._finish(metrics, start, prompts.shape[0])
 
     @torch.no_grad()
-    def _experience(self, prompts: Tensor, responses: Tensor, mask: Tensor) -> tuple[Experience, dict]:
+    def _experience(self, prompts: Tensor, responses: Tensor, mask: Tensor) -> tuple[PPOExperience, dict]:
         cfg, P = self.cfg, prompts.shape[1]
         ids = torch.cat([prompts, responses], dim=1)
         old_logp = self.response_logprobs(self.policy, ids, mask, P)
@@ -189,9 +184,9 @@ class PPOTrainer(PolicyTrainer):
             "score": raw_scores, "kl": kl.sum(1), "response_length": mask.sum(1).float(), "eos_share": has_eos.float(),
         })
         metrics["explained_variance"] = self._explained_variance(values, returns, mask)
-        return Experience(ids, mask, old_logp, ref_logp, values, advantages, returns), metrics
+        return PPOExperience(ids, mask, old_logp, ref_logp, advantages, values, returns), metrics
 
-    def _loss(self, exp: Experience, rows: Tensor, tokens: float, sequences: float) -> tuple[Tensor, dict]:
+    def _loss(self, exp: PPOExperience, rows: Tensor, tokens: float, sequences: float) -> tuple[Tensor, dict]:
         """The policy loss (``linear_policy_loss``: clipped surrogate, entropy bonus, and with
         ``kl_in_loss`` the KL term) plus ``vf_coef`` times the clipped value loss; see ``PolicyTrainer._loss``."""
         cfg = self.cfg
