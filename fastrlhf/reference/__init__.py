@@ -1,9 +1,10 @@
 """Plain-torch reference implementations, with the same signatures as the fused ops."""
 
 from fastrlhf.reference.gae import gae, masked_whiten
+from fastrlhf.reference.group_advantages import group_advantages
 from fastrlhf.reference.linear_logprobs import linear_logprobs
 from fastrlhf.reference.logprobs import logprobs, selective_logprobs
 from fastrlhf.reference.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 
-__all__ = ["dpo_loss", "gae", "linear_logprobs", "logprobs", "masked_whiten", "pairwise_sigmoid_loss",
-           "reward_model_loss", "selective_logprobs"]
+__all__ = ["dpo_loss", "gae", "group_advantages", "linear_logprobs", "logprobs", "masked_whiten",
+           "pairwise_sigmoid_loss", "reward_model_loss", "selective_logprobs"]
