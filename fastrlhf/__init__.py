@@ -6,8 +6,9 @@ from fastrlhf.ops.group_advantages import group_advantages
 from fastrlhf.ops.linear_logprobs import linear_logprobs
 from fastrlhf.ops.logprobs import logprobs
 from fastrlhf.ops.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
+from fastrlhf.ops.policy_loss import policy_loss
 from fastrlhf.ops.whiten import masked_whiten
 
 __all__ = ["BACKENDS", "dpo_loss", "gae", "group_advantages", "linear_logprobs", "logprobs", "masked_whiten",
-           "pairwise_sigmoid_loss", "reward_model_loss", "use_backend"]
+           "pairwise_sigmoid_loss", "policy_loss", "reward_model_loss", "use_backend"]
 __version__ = "0.1.0"

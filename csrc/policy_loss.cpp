@@ -1,0 +1,400 @@
+// The policy-gradient loss on CPU: fastrlhf.policy_loss (semantics in fastrlhf/ops/policy_loss.py; the
+// Triton kernels in fastrlhf/kernels/policy_loss.py compute the same).
+//
+// Every aggregation is a weighted sum over tokens whose weights are constant along a sequence, so the op
+// is: policy_loss_sequences (per sequence: unmasked tokens and the sum of the clamped log-ratio, the only
+// sequence-level statistics any loss needs), a few [S] torch ops in Python that turn them into per-sequence
+// weights of the policy, KL and entropy terms, then policy_loss_tokens: ONE pass over any contiguous slice
+// of tokens that writes each token's gradient d loss / d logp and d loss / d entropy (optional) and
+// per-block partial sums of the loss terms and metrics. policy_loss_finish combines the partial sums in
+// a fixed order. Blocks have a fixed size, so results do not depend on the number of threads.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "checks.h"
+
+namespace fastrlhf {
+namespace {
+
+// Codes shared with fastrlhf/ops/policy_loss.py (LOSS_TYPES, KL_ESTIMATORS, PARTIALS, METRICS).
+enum LossType : int64_t { PPO, GSPO, CISPO, SAPO, REINFORCE };
+enum KlEstimator : int64_t { K1, ABS, K2, K3 };
+enum Partial {
+  POLICY, KL, ENTROPY, TOKENS, CLIPFRAC, CLIPFRAC_LOW, CLIPFRAC_HIGH, DUAL_CLIPFRAC, PPO_KL, APPROX_KL,
+  RATIO_SUM, RATIO_MIN, RATIO_MAX, NUM_PARTIALS
+};
+constexpr int NUM_METRICS = NUM_PARTIALS - 1;  // the token count becomes the means' denominator
+
+// Tokens per block of partial sums: large enough to amortise a task, small enough to balance threads.
+constexpr int64_t BLOCK_TOKENS = 1 << 15;
+
+template <typename T>
+struct Options {
+  T lower, upper;   // ratio clip range; lower = -inf: no lower bound
+  T dual_clip;      // 0: none
+  T tau_pos, tau_neg;
+  int64_t kl_estimator;
+  bool kl_straight;  // "+": the value of the estimator, the gradient of k2
+  T kl_coef, entropy_coef;
+};
+
+template <typename T>
+inline T clamp(T x, T lo, T hi) {
+  return std::min(std::max(x, lo), hi);
+}
+
+// Indicator of lo <= x <= hi: the gradient of torch.clamp (1 at the bounds, 0 outside and for NaN).
+template <typename T>
+inline T inside(T x, T lo, T hi) {
+  return (x >= lo && x <= hi) ? T(1) : T(0);
+}
+
+template <typename T>
+struct PolicyTerms {
+  T loss, slope, ratio;  // the token's policy loss, d loss / d logp, the ratio it clips
+  bool clipped, low, high, dual;
+};
+
+// One token's policy loss (before the rollout IS weight and the aggregation weight).
+template <int64_t LOSS, typename T>
+inline PolicyTerms<T> policy_terms(T lp, T old, T adv, T seq_log_ratio, const Options<T>& o) {
+  const T d = lp - old;
+  T log_ratio = clamp(d, T(-20), T(20)), dlog = inside(d, T(-20), T(20));
+  if (LOSS == GSPO) {  // log s_t = sg(log s) + logp - sg(logp), clamped above at 10
+    log_ratio = std::min(seq_log_ratio, T(10));
+    dlog = seq_log_ratio <= T(10) ? T(1) : T(0);
+  }
+  const T r = std::exp(log_ratio), dr = r * dlog;
+  PolicyTerms<T> t{T(0), T(0), r, false, false, false, false};
+  if (LOSS == REINFORCE) {
+    t.loss = -adv * lp;
+    t.slope = -adv;
+    return t;
+  }
+  if (LOSS == SAPO) {
+    const T tau = adv > T(0) ? o.tau_pos : o.tau_neg;
+    const T gate = T(1) / (T(1) + std::exp(-tau * (r - T(1))));
+    t.loss = -adv * gate * (T(4) / tau);
+    t.slope = -adv * T(4) * gate * (T(1) - gate) * dr;
+    return t;
+  }
+  const T rc = clamp(r, o.lower, o.upper);
+  t.low = r < o.lower && adv < T(0);
+  t.high = r > o.upper && adv > T(0);
+  if (LOSS == CISPO) {
+    t.loss = -rc * adv * lp;
+    t.slope = -rc * adv;
+    t.clipped = r < o.lower || r > o.upper;
+    return t;
+  }
+  const T p1 = -adv * r, p2 = -adv * rc;
+  t.clipped = p2 > p1;
+  t.loss = t.clipped ? p2 : p1;
+  t.slope = t.clipped ? -adv * dr * inside(r, o.lower, o.upper) : -adv * dr;
+  if (LOSS == PPO && o.dual_clip > T(0) && adv < T(0)) {
+    const T p3 = -adv * o.dual_clip;
+    t.dual = t.loss > p3;
+    t.loss = t.dual ? p3 : t.loss;
+    t.slope = t.dual ? T(0) : t.slope;
+  }
+  return t;
+}
+
+// The KL estimator of logp against ref_logp (verl's kl_penalty) and the gradient it back-propagates.
+template <typename T>
+inline void kl_terms(T lp, T ref, const Options<T>& o, T& value, T& slope) {
+  const T x = lp - ref;
+  switch (o.kl_estimator) {
+    case K1:
+      value = x, slope = T(1);
+      break;
+    case ABS:
+      value = std::abs(x), slope = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+      break;
+    case K2:
+      value = x * x / T(2), slope = x;
+      break;
+    default: {  // K3
+      const T k = clamp(-x, T(-20), T(20)), e = std::exp(k), raw = e - k - T(1);
+      value = clamp(raw, T(-10), T(10));
+      slope = (T(1) - e) * inside(-x, T(-20), T(20)) * inside(raw, T(-10), T(10));
+    }
+  }
+  if (o.kl_straight) slope = x;
+}
+
+struct Tokens {
+  const void* logp;
+  const void* old_logp;
+  const void* advantages;
+  const bool* mask;
+  const void* ref_logp;
+  const void* entropy;
+  const void* is_weights;
+  void* grad_logp;
+  void* grad_entropy;
+};
+
+// Tokens [0, n) of the slice are global tokens [first, first + n) of sequences cut by offsets [S + 1].
+template <int64_t LOSS, typename scalar_t>
+void token_pass(const Tokens& p, int64_t n, int64_t first, const int64_t* offsets, int64_t rows, bool adv_per_seq,
+                const at::opmath_type<scalar_t>* seq_weights, const at::opmath_type<scalar_t>* seq_log_ratio,
+                at::opmath_type<scalar_t> grad_scale, const Options<at::opmath_type<scalar_t>>& o,
+                at::opmath_type<scalar_t>* partials) {
+  using T = at::opmath_type<scalar_t>;
+  const auto* lp = static_cast<const scalar_t*>(p.logp);
+  const auto* old = static_cast<const scalar_t*>(p.old_logp);
+  const auto* adv = static_cast<const scalar_t*>(p.advantages);
+  const auto* ref = static_cast<const scalar_t*>(p.ref_logp);
+  const auto* ent = static_cast<const scalar_t*>(p.entropy);
+  const auto* isw = static_cast<const scalar_t*>(p.is_weights);
+  auto* grad_lp = static_cast<scalar_t*>(p.grad_logp);
+  auto* grad_ent = static_cast<scalar_t*>(p.grad_entropy);
+  const bool* mask = p.mask;
+  const int64_t blocks = (n + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, blocks, 1, [&](int64_t block_first, int64_t block_last) {
+    for (int64_t block = block_first; block < block_last; ++block) {
+      const int64_t begin = block * BLOCK_TOKENS, end = std::min(n, begin + BLOCK_TOKENS);
+      T sums[NUM_PARTIALS] = {};
+      sums[RATIO_MIN] = inf;
+      sums[RATIO_MAX] = -inf;
+      // The sequence of the block's first token, then each sequence's run of tokens in turn.
+      int64_t s = std::upper_bound(offsets, offsets + rows + 1, first + begin) - offsets - 1;
+      for (int64_t i = begin; i < end; ++s) {
+        const int64_t run_end = std::min(end, offsets[s + 1] - first);
+        const T wp = seq_weights[s], wk = seq_weights[rows + s], we = seq_weights[2 * rows + s];
+        const T lrs = seq_log_ratio ? seq_log_ratio[s] : T(0);
+        const T seq_adv = adv_per_seq ? static_cast<T>(adv[s]) : T(0);
+        const T grad_ent_value = -grad_scale * o.entropy_coef * we;
+        for (; i < run_end; ++i) {
+          const bool keep = !mask || mask[i];
+          if (grad_ent) grad_ent[i] = static_cast<scalar_t>(keep ? grad_ent_value : T(0));
+          if (!keep) {  // never read: NaN or inf at a masked token changes nothing
+            if (grad_lp) grad_lp[i] = scalar_t(0);
+            continue;
+          }
+          const T x = static_cast<T>(lp[i]), a = adv_per_seq ? seq_adv : static_cast<T>(adv[i]);
+          const PolicyTerms<T> t = policy_terms<LOSS, T>(x, static_cast<T>(old[i]), a, lrs, o);
+          const T w = isw ? static_cast<T>(isw[i]) : T(1);
+          T grad = wp * w * t.slope;
+          sums[POLICY] += wp * w * t.loss;
+          if (ref) {
+            T value, slope;
+            kl_terms<T>(x, static_cast<T>(ref[i]), o, value, slope);
+            sums[KL] += wk * value;
+            grad += o.kl_coef * wk * slope;
+          }
+          if (ent) sums[ENTROPY] += we * static_cast<T>(ent[i]);
+          if (grad_lp) grad_lp[i] = static_cast<scalar_t>(grad_scale * grad);
+          const T log_ratio = clamp(x - static_cast<T>(old[i]), T(-20), T(20));
+          const T approx = clamp(std::exp(-log_ratio) + log_ratio - T(1), T(-10), T(10));
+          sums[TOKENS] += T(1);
+          sums[CLIPFRAC] += t.clipped;
+          sums[CLIPFRAC_LOW] += t.low;
+          sums[CLIPFRAC_HIGH] += t.high;
+          sums[DUAL_CLIPFRAC] += t.dual;
+          sums[PPO_KL] -= log_ratio;
+          sums[APPROX_KL] += approx;
+          sums[RATIO_SUM] += t.ratio;
+          sums[RATIO_MIN] = t.ratio < sums[RATIO_MIN] ? t.ratio : sums[RATIO_MIN];
+          sums[RATIO_MAX] = t.ratio > sums[RATIO_MAX] ? t.ratio : sums[RATIO_MAX];
+        }
+      }
+      std::copy(sums, sums + NUM_PARTIALS, partials + block * NUM_PARTIALS);
+    }
+  });
+}
+
+const void* data_or_null(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* name) {
+  if (!t) return nullptr;
+  check_cpu_contiguous(*t, name);
+  check_dtype(*t, dtype, name);
+  TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
+  return t->data_ptr();
+}
+
+const int64_t* checked_offsets(const at::Tensor& offsets, int64_t first, int64_t n) {
+  check_cpu_contiguous(offsets, "offsets");
+  check_dtype(offsets, at::kLong, "offsets");
+  const int64_t rows = offsets.numel() - 1;
+  TORCH_CHECK(rows >= 1, "offsets: expected at least 2 elements");
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0, "offsets: expected to start at 0, got ", o[0]);
+  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values");
+  TORCH_CHECK(first >= 0 && first + n <= o[rows], "first: tokens [", first, ", ", first + n,
+              ") lie outside the sequences [0, ", o[rows], ")");
+  return o;
+}
+
+void policy_loss_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& ref_logp,
+                        const c10::optional<at::Tensor>& entropy, const c10::optional<at::Tensor>& is_weights,
+                        const at::Tensor& offsets, int64_t row_length, int64_t first, bool advantages_per_sequence,
+                        const at::Tensor& seq_weights, const c10::optional<at::Tensor>& seq_log_ratio,
+                        const c10::optional<at::Tensor>& grad_scale,
+                        int64_t loss_type, double lower, double upper, double dual_clip, double tau_pos,
+                        double tau_neg, int64_t kl_estimator, bool kl_straight, double kl_coef, double entropy_coef,
+                        const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                        at::Tensor& partials) {
+  check_cpu_contiguous(logp, "logp");
+  const int64_t n = logp.numel();
+  const int64_t* o = checked_offsets(offsets, first, n);
+  const int64_t rows = offsets.numel() - 1;
+  // Padded input (row_length T > 0): the Triton kernel finds a token's sequence by division, so the offsets
+  // must be s * T; this kernel searches the offsets either way.
+  for (int64_t s = 0; row_length > 0 && s <= rows; ++s) {
+    TORCH_CHECK(o[s] == s * row_length, "offsets: expected s * row_length for padded input");
+  }
+  const at::ScalarType dtype = logp.scalar_type();
+  TORCH_CHECK(loss_type >= PPO && loss_type <= REINFORCE, "loss_type: unknown code ", loss_type);
+  TORCH_CHECK(kl_estimator >= K1 && kl_estimator <= K3, "kl_estimator: unknown code ", kl_estimator);
+  const int64_t adv_n = advantages_per_sequence ? rows : n;
+  TORCH_CHECK(advantages.numel() == adv_n, "advantages: expected ", adv_n, " elements, got ", advantages.numel());
+  TORCH_CHECK(!grad_entropy || entropy, "grad_entropy: given without entropy");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "policy_loss_tokens", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+    check_cpu_contiguous(advantages, "advantages");
+    check_dtype(advantages, dtype, "advantages");
+    Tokens p{logp.data_ptr(), data_or_null(old_logp, n, dtype, "old_logp"), advantages.data_ptr(), nullptr,
+             data_or_null(ref_logp, n, dtype, "ref_logp"), data_or_null(entropy, n, dtype, "entropy"),
+             data_or_null(is_weights, n, dtype, "is_weights"), nullptr, nullptr};
+    if (mask) p.mask = static_cast<const bool*>(data_or_null(mask, n, at::kBool, "mask"));
+    p.grad_logp = const_cast<void*>(data_or_null(grad_logp, n, dtype, "grad_logp"));
+    p.grad_entropy = const_cast<void*>(data_or_null(grad_entropy, n, dtype, "grad_entropy"));
+    const T* w = static_cast<const T*>(data_or_null(seq_weights, 3 * rows, acc, "seq_weights"));
+    const T* lrs = static_cast<const T*>(data_or_null(seq_log_ratio, rows, acc, "seq_log_ratio"));
+    TORCH_CHECK(loss_type != GSPO || lrs, "seq_log_ratio: required for gspo");
+    const T* g = static_cast<const T*>(data_or_null(grad_scale, 1, acc, "grad_scale"));
+    const int64_t blocks = (n + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    check_cpu_contiguous(partials, "partials");
+    check_dtype(partials, acc, "partials");
+    TORCH_CHECK(partials.numel() == blocks * NUM_PARTIALS, "partials: expected ", blocks, " x ", NUM_PARTIALS,
+                " elements, got ", partials.numel());
+    const Options<T> opt{static_cast<T>(lower), static_cast<T>(upper), static_cast<T>(dual_clip),
+                         static_cast<T>(tau_pos), static_cast<T>(tau_neg), kl_estimator, kl_straight,
+                         static_cast<T>(kl_coef), static_cast<T>(entropy_coef)};
+    const bool per_seq = advantages_per_sequence;
+    const T scale = g ? g[0] : T(1);
+    T* out = partials.data_ptr<T>();
+    switch (loss_type) {
+      case PPO: token_pass<PPO, scalar_t>(p, n, first, o, rows, per_seq, w, lrs, scale, opt, out); break;
+      case GSPO: token_pass<GSPO, scalar_t>(p, n, first, o, rows, per_seq, w, lrs, scale, opt, out); break;
+      case CISPO: token_pass<CISPO, scalar_t>(p, n, first, o, rows, per_seq, w, lrs, scale, opt, out); break;
+      case SAPO: token_pass<SAPO, scalar_t>(p, n, first, o, rows, per_seq, w, lrs, scale, opt, out); break;
+      default: token_pass<REINFORCE, scalar_t>(p, n, first, o, rows, per_seq, w, lrs, scale, opt, out);
+    }
+  });
+}
+
+// Per sequence: the number of unmasked tokens and (with log-probs) the mean of the clamped log-ratio.
+template <typename scalar_t, typename acc_t>
+void sequence_pass(const scalar_t* lp, const scalar_t* old, const bool* keep, const int64_t* o, int64_t rows,
+                   int64_t n, acc_t* counts, acc_t* seq_log_ratio) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, rows * BLOCK_TOKENS / std::max<int64_t>(n, 1)),
+                   [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      acc_t count = 0, sum = 0;
+      for (int64_t i = o[s]; i < o[s + 1]; ++i) {
+        const bool k = !keep || keep[i];
+        count += k;
+        // Selected, not multiplied: NaN at a masked token stays out.
+        if (lp) sum += k ? clamp(static_cast<acc_t>(lp[i]) - static_cast<acc_t>(old[i]), acc_t(-20), acc_t(20)) : acc_t(0);
+      }
+      counts[s] = count;
+      if (seq_log_ratio) seq_log_ratio[s] = sum / std::max(count, acc_t(1));
+    }
+  });
+}
+
+void policy_loss_sequences(const c10::optional<at::Tensor>& logp, const c10::optional<at::Tensor>& old_logp,
+                           const c10::optional<at::Tensor>& mask, const at::Tensor& offsets, int64_t n,
+                           at::Tensor& counts, const c10::optional<at::Tensor>& seq_log_ratio) {
+  const int64_t* o = checked_offsets(offsets, 0, n);
+  const int64_t rows = offsets.numel() - 1;
+  TORCH_CHECK(o[rows] == n, "offsets: expected to end at ", n, ", got ", o[rows]);
+  check_cpu_contiguous(counts, "counts");
+  TORCH_CHECK(counts.numel() == rows, "counts: expected ", rows, " elements");
+  TORCH_CHECK(!seq_log_ratio || (logp && old_logp), "seq_log_ratio: needs logp and old_logp");
+  const bool* keep = mask ? static_cast<const bool*>(data_or_null(mask, n, at::kBool, "mask")) : nullptr;
+  if (!seq_log_ratio) {
+    AT_DISPATCH_FLOATING_TYPES(counts.scalar_type(), "policy_loss_sequences", [&] {
+      sequence_pass<float, scalar_t>(nullptr, nullptr, keep, o, rows, n, counts.data_ptr<scalar_t>(), nullptr);
+    });
+    return;
+  }
+  check_like(*seq_log_ratio, counts, "seq_log_ratio");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp->scalar_type(), "policy_loss_sequences", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    check_dtype(counts, acc, "counts");
+    check_dtype(*seq_log_ratio, acc, "seq_log_ratio");
+    const void* lp = data_or_null(logp, n, logp->scalar_type(), "logp");
+    const void* old = data_or_null(old_logp, n, logp->scalar_type(), "old_logp");
+    sequence_pass<scalar_t, acc_t>(static_cast<const scalar_t*>(lp), static_cast<const scalar_t*>(old), keep, o,
+                                   rows, n, counts.data_ptr<acc_t>(), seq_log_ratio->data_ptr<acc_t>());
+  });
+}
+
+// Combines per-block partial sums [K, NUM_PARTIALS] in a fixed order (float64): the loss and the metrics.
+void policy_loss_finish(const at::Tensor& partials, double kl_coef, double entropy_coef, at::Tensor& loss,
+                        at::Tensor& metrics) {
+  check_cpu_contiguous(partials, "partials");
+  TORCH_CHECK(partials.dim() == 2 && partials.size(1) == NUM_PARTIALS, "partials: expected shape [K, ",
+              NUM_PARTIALS, "], got ", partials.sizes());
+  check_cpu_contiguous(loss, "loss");
+  check_dtype(loss, partials.scalar_type(), "loss");
+  TORCH_CHECK(loss.numel() == 1, "loss: expected one element");
+  check_cpu_contiguous(metrics, "metrics");
+  check_dtype(metrics, at::kFloat, "metrics");
+  TORCH_CHECK(metrics.numel() == NUM_METRICS, "metrics: expected ", NUM_METRICS, " elements");
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "policy_loss_finish", [&] {
+    const scalar_t* p = partials.data_ptr<scalar_t>();
+    double s[NUM_PARTIALS] = {};
+    s[RATIO_MIN] = std::numeric_limits<double>::infinity();
+    s[RATIO_MAX] = -std::numeric_limits<double>::infinity();
+    for (int64_t k = 0; k < partials.size(0); ++k, p += NUM_PARTIALS) {
+      for (int j = 0; j < RATIO_MIN; ++j) s[j] += p[j];
+      s[RATIO_MIN] = p[RATIO_MIN] < s[RATIO_MIN] ? p[RATIO_MIN] : s[RATIO_MIN];
+      s[RATIO_MAX] = p[RATIO_MAX] > s[RATIO_MAX] ? p[RATIO_MAX] : s[RATIO_MAX];
+    }
+    loss.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(s[POLICY] + kl_coef * s[KL] - entropy_coef * s[ENTROPY]);
+    float* m = metrics.data_ptr<float>();
+    const double tokens = s[TOKENS];
+    const double norm = tokens > 0 ? 1.0 / tokens : 0.0;
+    m[0] = s[POLICY], m[1] = s[KL], m[2] = s[ENTROPY];
+    for (int j = CLIPFRAC; j < RATIO_MIN; ++j) m[j - 1] = static_cast<float>(s[j] * norm);
+    m[RATIO_MIN - 1] = tokens > 0 ? s[RATIO_MIN] : 0.0;
+    m[RATIO_MAX - 1] = tokens > 0 ? s[RATIO_MAX] : 0.0;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastrlhf_cpp, m) {
+  m.def(
+      "policy_loss_tokens(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, Tensor? ref_logp, "
+      "Tensor? entropy, Tensor? is_weights, Tensor offsets, int row_length, int first, bool advantages_per_sequence, Tensor seq_weights, Tensor? seq_log_ratio, "
+      "Tensor? grad_scale, int loss_type, float lower, float upper, float dual_clip, float tau_pos, float tau_neg, "
+      "int kl_estimator, bool kl_straight, float kl_coef, float entropy_coef, Tensor(a!)? grad_logp, "
+      "Tensor(b!)? grad_entropy, Tensor(c!) partials) -> ()");
+  m.def(
+      "policy_loss_sequences(Tensor? logp, Tensor? old_logp, Tensor? mask, Tensor offsets, int n, "
+      "Tensor(a!) counts, Tensor(b!)? seq_log_ratio) -> ()");
+  m.def("policy_loss_finish(Tensor partials, float kl_coef, float entropy_coef, Tensor(a!) loss, Tensor(b!) metrics) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastrlhf_cpp, CPU, m) {
+  m.impl("policy_loss_tokens", &policy_loss_tokens);
+  m.impl("policy_loss_sequences", &policy_loss_sequences);
+  m.impl("policy_loss_finish", &policy_loss_finish);
+}
+
+}  // namespace fastrlhf
