@@ -177,9 +177,9 @@ void group_statistics(const std::vector<std::pair<int64_t, int64_t>>& order, con
         advantage[first_valid] = s - s;  // 0, or NaN for a non-finite score
       } else {
         // verl's loop: mean 0 and std 1 for a group of one
-        const double std = o.scale == Scale::BATCH ? batch_std : 1.0;
+        const double spread = o.scale == Scale::BATCH ? batch_std : 1.0;
         const bool scaled = o.estimator == Estimator::GRPO && o.scale != Scale::NONE;
-        advantage[first_valid] = scaled ? divide(s, std + o.eps) : s;
+        advantage[first_valid] = scaled ? divide(s, spread + o.eps) : s;
         weight[first_valid] = length[first_valid];
       }
     } else if (n > 1) {
@@ -282,9 +282,9 @@ void group_advantages(const at::Tensor& scores, const at::Tensor& index, const c
   });
   const auto order = index.scalar_type() == at::kInt ? sorted_groups<int32_t>(index) : sorted_groups<int64_t>(index);
   const bool batch_scaled = o.estimator == Estimator::GRPO && o.scale == Scale::BATCH;
-  const double std = batch_scaled ? batch_std(score.data(), rows, o) : 1.0;
+  const double spread = batch_scaled ? batch_std(score.data(), rows, o) : 1.0;
   std::vector<double> advantage(rows), weight(rows);
-  group_statistics(order, score.data(), length.data(), o, std, advantage.data(), weight.data());
+  group_statistics(order, score.data(), length.data(), o, spread, advantage.data(), weight.data());
   if (o.estimator == Estimator::REINFORCE_PP_BASELINE) whiten(advantage, weight);
 
   if (out.scalar_type() == at::kDouble) {
