@@ -152,7 +152,7 @@ def rl_trainer(algo: str, policy, rm, s: Settings, impl: str, seed: int):
     if algo == "ppo":
         config = PPOConfig(critic_lr=1e-3, kl_coef=0.02, ent_coef=0.0, **common)
         return PPOTrainer(policy, rm, config, impl=impl), s.batch_size
-    config = GRPOConfig(n=GRPO_N, kl_coef=0.02, **common)
+    config = GRPOConfig(n=GRPO_N, kl_coef=0.1, **common)  # k3 in the loss; 0.02 let the policy drift to long responses
     return GRPOTrainer(policy, rm, config, impl=impl), s.batch_size // GRPO_N
 
 
