@@ -8,7 +8,8 @@ from fastrlhf.ops.logprobs import logprobs
 from fastrlhf.ops.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 from fastrlhf.ops.policy_loss import policy_loss
 from fastrlhf.ops.whiten import masked_whiten
+from fastrlhf.reference.rollout_correction import rollout_correction
 
 __all__ = ["BACKENDS", "dpo_loss", "gae", "group_advantages", "linear_logprobs", "logprobs", "masked_whiten",
-           "pairwise_sigmoid_loss", "policy_loss", "reward_model_loss", "use_backend"]
+           "pairwise_sigmoid_loss", "policy_loss", "reward_model_loss", "rollout_correction", "use_backend"]
 __version__ = "0.1.0"

@@ -282,13 +282,10 @@ def plan_policy_loss(logp: Tensor, old_logp: Tensor, mask: Optional[Tensor], off
     if not 0 < float(horizon) < float("inf"):
         raise ValueError(f"horizon: expected a positive number, got {horizon}")
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    rows = offsets.numel() - 1
-    counts = torch.empty(rows, dtype=acc, device=logp.device)
     gspo = options.loss_type == LOSS_TYPES.index("gspo")
-    seq_log_ratio = torch.empty_like(counts) if gspo else None
-    kern = backend.kernels("policy_loss", logp)
-    kern.policy_loss_sequences(logp.detach() if gspo else None, old_logp if gspo else None, mask, offsets,
-                               logp.numel(), counts, seq_log_ratio)
+    counts, seq_log_ratio = torch.ops.fastrlhf.policy_loss_sequences(logp.detach(), old_logp.detach(), mask, offsets,
+                                                                     gspo)
+    seq_log_ratio = seq_log_ratio if gspo else None
     valid = (counts > 0).to(acc)
     tokens = counts.sum() if num_tokens is None else _count("num_tokens", num_tokens, acc, logp.device)
     sequences = valid.sum() if num_sequences is None else _count("num_sequences", num_sequences, acc, logp.device)
@@ -306,6 +303,30 @@ def plan_policy_loss(logp: Tensor, old_logp: Tensor, mask: Optional[Tensor], off
 
     seq_weights = torch.stack([weights(agg) for agg in aggregations]).contiguous()
     return Plan(offsets, row_length, seq_weights, seq_log_ratio, advantages_per_sequence, options)
+
+
+@torch.library.custom_op("fastrlhf::policy_loss_sequences", mutates_args=())
+def policy_loss_sequences(logp: Tensor, old_logp: Tensor, mask: Optional[Tensor], offsets: Tensor,
+                          with_log_ratio: bool) -> tuple[Tensor, Tensor]:
+    """Per sequence: the unmasked tokens (``[S]``, fp32, fp64 for fp64) and, with ``with_log_ratio``, the
+    mean clamped log-ratio (``[S]``; else ``[0]``)."""
+    counts = backend.empty_outputs(_sequence_stats_like(logp, offsets), 1)[0]
+    seq_log_ratio = backend.empty_outputs(counts, 1)[0] if with_log_ratio else counts.new_empty(0)
+    backend.kernels("policy_loss", logp).policy_loss_sequences(
+        logp if with_log_ratio else None, old_logp if with_log_ratio else None, mask, offsets, logp.numel(), counts,
+        seq_log_ratio if with_log_ratio else None)
+    return counts, seq_log_ratio
+
+
+@policy_loss_sequences.register_fake
+def _(logp, old_logp, mask, offsets, with_log_ratio):
+    counts = _sequence_stats_like(logp, offsets)
+    return counts, counts.new_empty(offsets.shape[0] - 1 if with_log_ratio else 0)
+
+
+def _sequence_stats_like(logp, offsets):
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    return logp.new_empty(offsets.shape[0] - 1, dtype=acc)
 
 
 def policy_loss_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],

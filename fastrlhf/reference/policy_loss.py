@@ -135,7 +135,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Option
         pg_losses = -clipped_ratio.detach() * advantages * logp
         clipfrac = _masked_mean((ratio != clipped_ratio).to(acc), mask)
     elif loss_type == "sapo":
-        taus = torch.where(advantages > 0, sapo_tau_pos, sapo_tau_neg)
+        taus = torch.where(advantages > 0, torch.tensor(sapo_tau_pos, dtype=acc), torch.tensor(sapo_tau_neg, dtype=acc))
         pg_losses = -advantages * torch.sigmoid(taus * (ratio - 1.0)) * (4.0 / taus)
     elif loss_type == "reinforce":
         pg_losses = -advantages * logp
