@@ -80,8 +80,8 @@ def group_advantages(scores: Tensor, index: Tensor, *, estimator: str = "grpo", 
         return out.copy_(reference.group_advantages(scores, index, estimator=estimator, mask=mask, scale=scale,
                                                     eps=eps, unbiased=unbiased, singleton=singleton, nan=nan))
     if torch.compiler.is_compiling():
-        torch.ops.fastrlhf.group_advantages(scores, index, mask, estimator, scale, eps, unbiased, singleton, nan,
-                                            out)
+        torch.ops.fastrlhf.group_advantages(scores, index, mask, estimator, scale, float(eps), unbiased, singleton,
+                                            nan, out)
     else:  # eager: skip the op's dispatch cost (~20 us)
         _run(scores, index, mask, estimator, scale, eps, unbiased, singleton, nan, out)
     return out
