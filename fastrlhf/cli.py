@@ -24,8 +24,9 @@ def parser() -> argparse.ArgumentParser:
                         help="also run the Triton kernels under the interpreter on CPU (slow)")
     verify.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
 
-    demo = commands.add_parser("demo", help="RLHF end to end on a synthetic task: pre-train, reward model, PPO")
+    demo = commands.add_parser("demo", help="RLHF end to end on a synthetic task: pre-train, reward model, PPO or GRPO")
     demo.add_argument("--quick", action="store_true", help="a shorter run (under 2 minutes on 2 CPU cores)")
+    demo.add_argument("--algo", choices=["ppo", "grpo"], default="ppo", help="the RL algorithm (default ppo)")
     demo.add_argument("--impl", choices=["fused", "reference", "both"], default="fused",
                       help="ops to train with; both: a fused run, then a reference run, shown side by side")
     demo.add_argument("--out", metavar="DIR", help="write metrics.jsonl, summary.json and demo.png here")

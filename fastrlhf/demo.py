@@ -16,8 +16,10 @@ The stages:
    chosen (ties dropped); report its accuracy on held-out pairs. (Without cut responses among the
    pairs, the reward model has never seen a response without EOS and may rate them highly, and PPO
    learns to never stop: reward hacking.)
-3. run PPO against the learned reward model (never the hidden scorer);
-4. report the hidden scorer's mean on a fixed set of evaluation prompts before and after PPO, and the
+3. run PPO (``--algo ppo``, the default) or GRPO (``--algo grpo``: ``GRPO_N`` responses to each of a
+   quarter as many prompts, the same number of responses per step) against the learned reward model
+   (never the hidden scorer);
+4. report the hidden scorer's mean on a fixed set of evaluation prompts before and after RL, and the
    KL from the trained policy to the reference (pre-trained) policy on those responses.
 
 ``--impl both`` runs the whole demo twice with the same seed, fused ops then the reference ops, and the
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastrlhf.grpo import GRPOConfig, GRPOTrainer
 from fastrlhf.impl import Ops
 from fastrlhf.models import TinyGPT, TinyGPTConfig, ValueModel
 from fastrlhf.ppo import PPOConfig, PPOTrainer
@@ -44,6 +47,7 @@ from fastrlhf.sampling import generate, response_mask
 PAD, EOS, FIRST_DIGIT, DIGITS = 0, 1, 2, 10
 VOCAB = FIRST_DIGIT + DIGITS
 PROMPT_LEN = 4
+GRPO_N = 4  # GRPO's responses per prompt
 
 
 @dataclass
@@ -55,12 +59,12 @@ class Settings:
     rm_pairs: int = 32768
     rm_steps: int = 1500
     rm_lr: float = 2e-3  # decays linearly to 0
-    ppo_steps: int = 120
-    batch_size: int = 64
+    rl_steps: int = 120
+    batch_size: int = 64  # responses per RL step
     eval_prompts: int = 512
 
 
-QUICK = Settings(pretrain_steps=150, rm_pairs=16384, rm_steps=800, ppo_steps=40)
+QUICK = Settings(pretrain_steps=150, rm_pairs=16384, rm_steps=800, rl_steps=40)
 
 
 # -- the task --------------------------------------------------------------------------------------
@@ -141,8 +145,19 @@ def train_reward_model(rm: ValueModel, s: Settings, impl: str, generator, progre
     return curve
 
 
+def rl_trainer(algo: str, policy, rm, s: Settings, impl: str, seed: int):
+    """The demo's PPO or GRPO trainer, and its prompts per step (``s.batch_size`` responses either way)."""
+    common = {"max_new_tokens": s.response_len, "eos_id": EOS, "pad_id": PAD, "lr": 1e-4, "ppo_epochs": 4,
+              "num_minibatches": 2, "missing_eos_penalty": 1.0, "seed": seed}
+    if algo == "ppo":
+        config = PPOConfig(critic_lr=1e-3, kl_coef=0.02, ent_coef=0.0, **common)
+        return PPOTrainer(policy, rm, config, impl=impl), s.batch_size
+    config = GRPOConfig(n=GRPO_N, kl_coef=0.1, **common)  # k3 in the loss; 0.02 let the policy drift to long responses
+    return GRPOTrainer(policy, rm, config, impl=impl), s.batch_size // GRPO_N
+
+
 @torch.no_grad()
-def evaluate_policy(trainer: PPOTrainer, prompts: torch.Tensor, seed: int) -> tuple[float, float]:
+def evaluate_policy(trainer, prompts: torch.Tensor, seed: int) -> tuple[float, float]:
     """Mean hidden score of sampled responses, and mean per-sequence KL(policy || reference) (k1)."""
     cfg = trainer.cfg
     responses, mask = generate(trainer.policy, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=EOS, pad_id=PAD,
@@ -153,7 +168,7 @@ def evaluate_policy(trainer: PPOTrainer, prompts: torch.Tensor, seed: int) -> tu
     return hidden_score(prompts, responses).mean().item(), (logp - ref_logp).sum(1).mean().item()
 
 
-def run(s: Settings, impl: str, seed: int, progress, log) -> dict:
+def run(s: Settings, algo: str, impl: str, seed: int, progress, log) -> dict:
     start = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -167,29 +182,28 @@ def run(s: Settings, impl: str, seed: int, progress, log) -> dict:
     rm_curve = train_reward_model(rm, s, impl, generator, progress, log)
     seconds["reward_model"] = time.perf_counter() - start - sum(seconds.values())
 
-    config = PPOConfig(max_new_tokens=s.response_len, eos_id=EOS, pad_id=PAD, lr=1e-4, critic_lr=1e-3,
-                       kl_coef=0.02, ppo_epochs=4, num_minibatches=2, ent_coef=0.0, missing_eos_penalty=1.0,
-                       seed=seed)
-    trainer = PPOTrainer(policy, rm, config, impl=impl)
+    trainer, n_prompts = rl_trainer(algo, policy, rm, s, impl, seed)
     eval_prompts = random_prompts(s.eval_prompts, generator)
     score_before, _ = evaluate_policy(trainer, eval_prompts, seed)
-    task = progress.add_task(f"PPO ({impl})", total=s.ppo_steps)
-    ppo_curve = []
-    for step in range(s.ppo_steps):
-        prompts = random_prompts(s.batch_size, generator)
-        responses, _ = trainer.sample(prompts)
+    name = f"{algo.upper()} ({impl})"
+    task = progress.add_task(name, total=s.rl_steps)
+    rl_curve = []
+    for step in range(s.rl_steps):
+        prompts = random_prompts(n_prompts, generator)
+        rollout_prompts = prompts.repeat_interleave(s.batch_size // n_prompts, dim=0)  # a row per response
+        responses, _ = trainer.sample(rollout_prompts)
         metrics = trainer.step(prompts, responses)
-        metrics["hidden_score"] = hidden_score(prompts, responses).mean().item()
-        ppo_curve.append({"step": step + 1, **metrics})
-        log({"stage": "ppo", "step": step, **metrics})
-        progress.update(task, advance=1, description=f"PPO ({impl}) hidden score {metrics['hidden_score']:.2f}")
-    seconds["ppo"] = time.perf_counter() - start - sum(seconds.values())
+        metrics["hidden_score"] = hidden_score(rollout_prompts, responses).mean().item()
+        rl_curve.append({"step": step + 1, **metrics})
+        log({"stage": algo, "step": step, **metrics})
+        progress.update(task, advance=1, description=f"{name} hidden score {metrics['hidden_score']:.2f}")
+    seconds[algo] = time.perf_counter() - start - sum(seconds.values())
     score_after, kl = evaluate_policy(trainer, eval_prompts, seed)
     return {
-        "impl": impl, "hidden_score_before": score_before, "hidden_score_after": score_after,
+        "algo": algo, "impl": impl, "hidden_score_before": score_before, "hidden_score_after": score_after,
         "rm_heldout_accuracy": rm_curve[-1][1], "kl_to_reference": kl, "seconds": time.perf_counter() - start,
         "stage_seconds": seconds, "settings": asdict(s), "seed": seed,
-        "rm_curve": rm_curve, "ppo_curve": ppo_curve,
+        "rm_curve": rm_curve, "rl_curve": rl_curve,
     }
 
 
@@ -205,13 +219,14 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     rm_axis = axes[0].twinx()  # the reward model's scale is its own
     for r in results:
-        steps = [m["step"] for m in r["ppo_curve"]]
-        axes[0].plot(steps, [m["hidden_score"] for m in r["ppo_curve"]], label=f"hidden score ({r['impl']})")
-        rm_axis.plot(steps, [m["score"] for m in r["ppo_curve"]], ":", label=f"reward model ({r['impl']}, right)")
-        axes[1].plot(steps, [m["kl"] for m in r["ppo_curve"]], label=r["impl"])
+        steps = [m["step"] for m in r["rl_curve"]]
+        axes[0].plot(steps, [m["hidden_score"] for m in r["rl_curve"]], label=f"hidden score ({r['impl']})")
+        rm_axis.plot(steps, [m["score"] for m in r["rl_curve"]], ":", label=f"reward model ({r['impl']}, right)")
+        axes[1].plot(steps, [m["kl"] for m in r["rl_curve"]], label=r["impl"])
         axes[2].plot(*zip(*r["rm_curve"]), marker="o", label=r["impl"])
+    step = f"{results[0]['algo'].upper()} step"
     for ax, title, xlabel in zip(axes, ["score of the rollouts", "KL to reference (per sequence)",
-                                        "reward model held-out accuracy"], ["PPO step", "PPO step", "RM step"]):
+                                        "reward model held-out accuracy"], [step, step, "RM step"]):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.legend(loc="upper left")
@@ -224,12 +239,12 @@ def plot(results: list[dict], path: str) -> None:
 def table(results: list[dict]):
     from rich.table import Table
 
-    t = Table(title="fastrlhf demo")
+    t = Table(title=f"fastrlhf demo ({results[0]['algo'].upper()})")
     t.add_column("")
     for r in results:
         t.add_column(r["impl"], justify="right")
-    rows = [("hidden score before PPO", "hidden_score_before", "{:.3f}"),
-            ("hidden score after PPO", "hidden_score_after", "{:.3f}"),
+    rows = [("hidden score before RL", "hidden_score_before", "{:.3f}"),
+            ("hidden score after RL", "hidden_score_after", "{:.3f}"),
             ("reward model held-out accuracy", "rm_heldout_accuracy", "{:.3f}"),
             ("KL to reference (per sequence)", "kl_to_reference", "{:.3f}"),
             ("seconds, total", "seconds", "{:.1f}")]
@@ -259,13 +274,13 @@ def main(args: argparse.Namespace) -> int:
                     if metrics_file:
                         metrics_file.write(json.dumps({"impl": impl, **record}) + "\n")
 
-                results.append(run(settings, impl, args.seed, progress, log))
+                results.append(run(settings, args.algo, impl, args.seed, progress, log))
     finally:
         if metrics_file:
             metrics_file.close()
     Console().print(table(results))
     if out:
-        figures = [{k: v for k, v in r.items() if k not in ("rm_curve", "ppo_curve")} for r in results]
+        figures = [{k: v for k, v in r.items() if k not in ("rm_curve", "rl_curve")} for r in results]
         summary = {**figures[0], "impl": args.impl, "runs": {f["impl"]: f for f in figures}}
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

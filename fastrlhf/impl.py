@@ -7,11 +7,12 @@ import fastrlhf
 from fastrlhf import checks, reference
 
 IMPLS = ("fused", "reference")
-NAMES = ("gae", "masked_whiten", "linear_logprobs", "reward_model_loss")
+NAMES = ("gae", "masked_whiten", "linear_logprobs", "reward_model_loss", "group_advantages", "linear_policy_loss")
 
 
 class Ops:
-    """``Ops(impl).gae``, ``.masked_whiten``, ``.linear_logprobs``, ``.reward_model_loss``."""
+    """``Ops(impl).gae``, ``.masked_whiten``, ``.linear_logprobs``, ``.reward_model_loss``, ``.group_advantages``,
+    ``.linear_policy_loss``."""
 
     def __init__(self, impl: str):
         checks.one_of("impl", impl, IMPLS)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from fastrlhf.cli import main
@@ -16,13 +17,15 @@ def test_hidden_score():
     torch.testing.assert_close(hidden_score(prompts, responses), torch.tensor([2 / 3, 0.0, 0.0, 1.0]))
 
 
-def test_quick_demo_learns(tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_quick_demo_learns(tmp_path, algo):
+    chosen = [] if algo == "ppo" else ["--algo", algo]  # ppo is the default
+    assert main(["demo", "--quick", "--out", str(tmp_path), *chosen]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["impl"] == "fused"
+    assert summary["algo"] == algo and summary["impl"] == "fused"
     assert summary["rm_heldout_accuracy"] >= 0.8
     assert summary["hidden_score_after"] >= summary["hidden_score_before"] + 0.15
     assert summary["kl_to_reference"] > 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {line["stage"] for line in lines} == {"pretrain", "rm", "ppo"}
+    assert {line["stage"] for line in lines} == {"pretrain", "rm", algo}
     assert (tmp_path / "demo.png").stat().st_size > 0

@@ -4,18 +4,17 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastrlhf import checkpoint
 from fastrlhf.models import ValueModel
-from fastrlhf.ppo import (LOSS_AGGREGATIONS, KLController, PPOTrainer, RunningMoments, aggregate, kl_estimate,
-                          policy_loss, value_loss)
-from fastrlhf.sampling import response_mask
+from fastrlhf.policy_trainer import LOSS_AGGREGATIONS, RunningMoments
+from fastrlhf.ppo import KLController, PPOTrainer, aggregate, kl_estimate, value_loss
 
 # the DDP test's worker processes import the helpers by module name, so they live on sys.path
 sys.path.insert(0, os.path.dirname(__file__))
-from ppo_helpers import (DDP_OVERRIDES, EOS, P, PAD, R, assert_same_params, batch, config,  # noqa: E402
-                         ddp_worker, models, params, trainer)
+from ppo_helpers import (EOS, P, PAD, assert_ddp_matches_one_batch,  # noqa: E402
+                         assert_fused_equals_reference_first_step, assert_resume_gives_the_same_next_step,
+                         assert_same_params, batch, config, hugging_face_models, models, params, trainer)
 
 
 # -- loss terms against float64 formulas written out element by element ----------------------------
@@ -31,22 +30,6 @@ def test_kl_estimators_match_formulas():
             value = {"k1": log_r, "k2": log_r * log_r / 2, "k3": math.exp(-log_r) - 1 + log_r}[estimator]
             expected.append(min(max(value, -10.0), 10.0) if estimator == "k3" else value)
         torch.testing.assert_close(kl_estimate(logp, ref, estimator), torch.tensor(expected, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("dual_clip", [None, 3.0])
-def test_policy_loss_matches_formula(dual_clip):
-    g = torch.Generator().manual_seed(0)
-    logp, old = (-torch.rand(64, generator=g, dtype=torch.float64) * 3 for _ in range(2))
-    adv = torch.randn(64, generator=g, dtype=torch.float64) * 2
-    expected = []
-    for lp, o, a in zip(logp.tolist(), old.tolist(), adv.tolist()):
-        r = math.exp(lp - o)
-        loss = max(-a * r, -a * min(max(r, 1 - 0.1), 1 + 0.3))
-        if dual_clip is not None and a < 0:
-            loss = min(loss, -a * dual_clip)
-        expected.append(loss)
-    got = policy_loss(logp, old, adv, clip_low=0.1, clip_high=0.3, dual_clip=dual_clip)
-    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("clip", [None, 0.2])
@@ -77,7 +60,8 @@ def test_aggregate_matches_formula_and_splits_exactly(mode):
     x[~mask] = float("nan")  # garbage at padding must not leak
     rows = [[v for v, m in zip(xr, mr) if m] for xr, mr in zip(x.tolist(), mask.tolist())]
     tokens = sum(len(r) for r in rows)
-    expected = {"token-mean": sum(sum(r) for r in rows) / tokens,
+    expected = {"token-mean": sum(sum(r) for r in rows) / tokens, "token-sum": sum(sum(r) for r in rows),
+                "seq-mean-token-sum": sum(sum(r) for r in rows) / 6,
                 "seq-mean-token-mean": sum(sum(r) / len(r) for r in rows) / 6,
                 "seq-mean-token-sum-norm": sum(sum(r) for r in rows) / (6 * 5)}[mode]
     whole = aggregate(x, mask, mode, tokens=tokens, sequences=6, horizon=5)
@@ -135,23 +119,9 @@ def test_score_read_at_eos_and_missing_eos_penalised():
     torch.testing.assert_close(experience.returns[:, 0], expected)
 
 
-def first_loss_and_gradients(t: PPOTrainer):
-    prompts, responses = batch()
-    experience, metrics = t._experience(prompts, responses, response_mask(responses, EOS))
-    loss, _ = t._loss(experience, torch.arange(8), tokens=experience.mask.sum().item(), sequences=8)
-    loss.backward()
-    grads = [p.grad for p in [*t.policy.parameters(), *t.critic.parameters()] if p.requires_grad]
-    return experience, metrics, loss, grads
-
-
 def test_fused_and_reference_give_the_same_first_step():
-    fused, reference = (first_loss_and_gradients(trainer(impl, kl_in_loss=True, ent_coef=0.01))
-                        for impl in ("fused", "reference"))
-    for field in ("old_logp", "ref_logp", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(fused[0], field), getattr(reference[0], field), rtol=1e-5, atol=1e-5)
-    assert fused[1] == pytest.approx(reference[1], rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(fused[2], reference[2], rtol=1e-5, atol=1e-6)
-    assert_same_params(fused[3], reference[3], rtol=1e-4, atol=1e-6)
+    assert_fused_equals_reference_first_step("ppo", ("old_logp", "ref_logp", "values", "advantages", "returns"),
+                                             kl_in_loss=True, ent_coef=0.01)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
@@ -172,21 +142,8 @@ def test_target_kl_stops_the_epochs():
 
 
 def test_resume_gives_the_same_next_step(tmp_path):
-    prompts, _ = batch()
-    overrides = {"kl_target": 0.5, "reward_norm": True, "num_minibatches": 2}
-    straight = trainer(**overrides)
-    straight.step(prompts)
-    expected = straight.step(prompts)
-
-    first = trainer(**overrides)
-    first.step(prompts)
-    first.save(tmp_path / "run.ckpt")
-    resumed = trainer(**overrides)
-    resumed.load(tmp_path / "run.ckpt")
-    got = resumed.step(prompts)
-    assert_same_params(params(straight), params(resumed), rtol=0, atol=0)
-    assert got["score"] == expected["score"] and got["kl_coef"] == expected["kl_coef"]
-    assert resumed.step_count == 2
+    assert_resume_gives_the_same_next_step(tmp_path, "ppo", ("score", "kl_coef"), kl_target=0.5, reward_norm=True,
+                                           num_minibatches=2)
 
 
 def test_bad_checkpoints_are_rejected_and_change_nothing(tmp_path):
@@ -236,29 +193,14 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 # -- DistributedDataParallel -----------------------------------------------------------------------
 
 def test_two_process_ddp_matches_one_process_on_the_union_batch(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    single = trainer(sgd=True, **DDP_OVERRIDES)
-    prompts, responses = batch()
-    expected = [single.step(prompts, responses) for _ in range(2)]
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_same_params(params(single), got["params"], rtol=1e-4, atol=1e-5)
-        for key in ("score", "kl", "policy_loss", "value_loss", "kl_coef", "explained_variance"):
-            assert got["metrics"][-1][key] == pytest.approx(expected[-1][key], rel=1e-4, abs=1e-6), key
+    assert_ddp_matches_one_batch(tmp_path, "ppo", ("score", "kl", "policy_loss", "value_loss", "kl_coef",
+                                                   "explained_variance"))
 
 
 def test_hugging_face_policy_and_reward_model():
-    transformers = pytest.importorskip("transformers")
-    from fastrlhf.models import HFCausalLM
-
-    def gpt2():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=8, n_embd=16, n_layer=1, n_head=2,
-                                                                    n_positions=P + R))
-
-    t = PPOTrainer(gpt2(), ValueModel(HFCausalLM(gpt2())), config())
+    t = PPOTrainer(*hugging_face_models(), config())
     assert t.critic.backbone.output_weight.requires_grad  # tied to the input embedding, so still trained
     before = params(t)
     metrics = t.step(*batch())
-    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "kl", "entropy"))
+    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "kl", "approx_kl"))
     assert any(not torch.equal(a, b) for a, b in zip(before, params(t)))
