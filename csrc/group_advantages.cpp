@@ -8,7 +8,6 @@
 // order, so a group's statistics are summed in an order that depends on its members only
 // (bit-identical results whatever other groups share the batch, and whatever the thread count).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <array>

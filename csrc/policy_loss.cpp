@@ -10,7 +10,6 @@
 // a fixed order. Blocks have a fixed size, so results do not depend on the number of threads.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
