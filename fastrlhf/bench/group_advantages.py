@@ -7,8 +7,7 @@ from collections import defaultdict
 import torch
 
 import fastrlhf
-from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors
+from fastrlhf.bench.case import Case, Check
 
 # Per token: the reward (fp32) and the mask read, the mask read again and the advantage written (fp32).
 BYTES_PER_TOKEN = 4 + 1 + 1 + 4
@@ -79,23 +78,7 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for estimator in ("grpo", "rloo", "reinforce++-baseline", "opo"):
-            out.append(Check("group_advantages", f"B=64 T=100 {estimator}", dtype,
-                             lambda device, dtype=dtype, e=estimator: _check(e, dtype, device)))
-    return out
-
-
-def _check(estimator: str, dtype: torch.dtype, device) -> dict[str, tuple[float, float]]:
-    g = torch.Generator().manual_seed(3)
-    rewards = torch.randn(64, 100, generator=g, dtype=torch.float64)
-    mask = torch.rand(64, 100, generator=g) > 0.2
-    index = torch.randint(0, 10, (64,), generator=g) * 7919
-
-    def run(fn, dt, dev):
-        return [fn(rewards.to(dtype=dt, device=dev), index.to(dev), estimator=estimator, mask=mask.to(dev)).cpu()]
-
-    return errors(("advantages",), run, fastrlhf.group_advantages, reference.group_advantages,
-                  reference.group_advantages, dtype, device)
-
+    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
+    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
+    (tests/ops/test_group_advantages.py) check every backend against the float64 reference."""
+    return []

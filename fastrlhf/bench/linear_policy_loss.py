@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import Case, Check
 
 OPTIONS = dict(loss_type="ppo", clip_low=0.2, clip_high=0.2, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
 
@@ -85,24 +85,7 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    grid = [(1, 8, 5), (37, 24, 301), (130, 64, 1000)]
-    return [Check("linear_policy_loss", f"N={n} H={h} V={v}", dtype,
-                  lambda device, n=n, h=h, v=v, dtype=dtype: _check(n, h, v, dtype, device))
-            for n, h, v in grid for dtype in (torch.float32, torch.bfloat16, torch.float16)]
-
-
-def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Loss and gradients of the op, the float64 reference, and PyTorch in ``dtype``."""
-    h, w, labels, old_logp, advantages, ref_logp = (
-        t.detach().double() if t.is_floating_point() else t for t in _inputs(tokens, hidden, vocab, seed=tokens))
-
-    def run(fn, dt, dev):
-        leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (h, w)]
-        data = [x.to(device=dev, dtype=torch.float64 if dt == torch.float64 else torch.float32)
-                for x in (old_logp, advantages, ref_logp)]
-        loss, _ = fn(leaves[0], leaves[1], labels.to(dev), data[0], data[1], ref_logp=data[2], chunk_size=16,
-                     **OPTIONS)
-        return outputs_and_grads([loss], leaves, [torch.ones((), dtype=torch.float64)])
-
-    return errors(("loss", "grad hidden", "grad weight"), run, fastrlhf.linear_policy_loss,
-                  reference.linear_policy_loss, reference.linear_policy_loss, dtype, device)
+    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
+    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
+    (tests/ops/test_linear_policy_loss.py) check every backend against the float64 reference."""
+    return []

@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, errors, outputs_and_grads
+from fastrlhf.bench.case import Case, Check
 
 # Per token, forward + backward, each input read once and each output written once: logp, old_logp,
 # advantages, ref_logp, entropy (fp32), the mask (bool) read; the gradients of logp and entropy written.
@@ -52,25 +52,7 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for loss_type in fastrlhf.ops.policy_loss.LOSS_TYPES:
-            out.append(Check("policy_loss", f"B=8 T=300 {loss_type} k3 entropy seq-mean-token-mean", dtype,
-                             lambda device, dtype=dtype, t=loss_type: _check(t, dtype, device)))
-    return out
-
-
-def _check(loss_type, dtype, device):
-    logp, entropy, old, adv, ref, mask = (x.detach().double() if x.is_floating_point() else x
-                                          for x in inputs(8, 300, seed=3))
-    options = dict(loss_type=loss_type, kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-mean",
-                   dual_clip=3.0 if loss_type == "ppo" else None)
-
-    def run(fn, dt, dev):
-        leaves = [x.to(dtype=dt, device=dev).requires_grad_() for x in (logp, entropy)]
-        data = [x.to(dtype=dt, device=dev) for x in (old, adv, ref)]
-        loss, _ = fn(leaves[0], data[0], data[1], mask.to(dev), ref_logp=data[2], entropy=leaves[1], **options)
-        return outputs_and_grads([loss], leaves, [torch.tensor(1.0)])
-
-    return errors(["loss", "grad logp", "grad entropy"], run, fastrlhf.policy_loss, reference.policy_loss,
-                  reference.policy_loss, dtype, device)
+    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
+    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
+    (tests/ops/test_policy_loss.py) check every backend against the float64 reference."""
+    return []

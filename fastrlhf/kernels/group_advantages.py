@@ -273,24 +273,23 @@ def group_advantages(scores, index, mask, estimator, scale, eps, unbiased, singl
 
 
 def aot_cases():
-    """(name, kernel, signature, constexprs) for ahead-of-time compilation."""
-    cases = []
-    for dtype in ("fp32", "bf16"):
-        sig = {"r_ptr": f"*{dtype}", "mask_ptr": "*i1", "score_ptr": "*fp64", "length_ptr": "*fp64", "rows": "i32",
-               "T": "i32"}
-        cases.append((f"group_advantages row_scores_kernel {dtype}", row_scores_kernel, sig,
-                      {"BLOCK_B": ROWS_BLOCK_B, "BLOCK_T": ROWS_BLOCK_T}))
-    sig = {"value_ptr": "*fp64", "weight_ptr": "*fp64", "moments_ptr": "*fp64", "rows": "i32"}
-    cases.append(("group_advantages batch_moments_kernel", batch_moments_kernel, sig,
-                  {"HAS_WEIGHT": True, "IGNORE_NAN": True, "BLOCK": MOMENTS_BLOCK}))
-    sig = {"ids_ptr": "*i64", "order_ptr": "*i64", "score_ptr": "*fp64", "length_ptr": "*fp64", "stats_ptr": "*fp64",
-           "adv_ptr": "*fp64", "weight_ptr": "*fp64", "rows": "i32"}
-    for estimator, scale in (("grpo", "group"), ("grpo", "batch"), ("rloo", "group"), ("opo", "group")):
-        cases.append((f"group_advantages group_kernel {estimator} scale={scale}", group_kernel, sig,
-                      {"ESTIMATOR": ESTIMATORS[estimator], "SCALE": SCALES[scale], "SINGLETON": RAW,
-                       "IGNORE_NAN": True, "UNBIASED": 1, "BLOCK": GROUP_BLOCK}))
-    sig = {"adv_ptr": "*fp64", "weight_ptr": "*fp64", "moments_ptr": "*fp64", "mask_ptr": "*i1", "out_ptr": "*fp32",
-           "rows": "i32", "T": "i32"}
-    cases.append(("group_advantages broadcast_kernel whiten", broadcast_kernel, sig,
-                  {"WHITEN": True, "BLOCK_B": BROADCAST_BLOCK_B, "BLOCK_T": BROADCAST_BLOCK_T}))
-    return cases
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: ``fastrlhf.group_advantages`` as trainers call it
+    (grpo with group and batch scale, rloo, opo and reinforce++-baseline on token rewards with a mask, fp32 and
+    bf16), so the compiled variants are those these launch."""
+    import torch
+
+    import fastrlhf
+
+    def launch(estimator, scale, dtype):
+        def run():
+            scores = torch.randn(64, 40).to(dtype)
+            index = torch.arange(64) // 4
+            fastrlhf.group_advantages(scores, index, estimator=estimator, scale=scale,
+                                      mask=torch.rand(64, 40) < 0.8)
+        return run
+
+    return [(f"group_advantages B=64 T=40 {estimator} scale={scale} {str(dtype).removeprefix('torch.')}",
+             launch(estimator, scale, dtype))
+            for dtype in (torch.float32, torch.bfloat16)
+            for estimator, scale in (("grpo", "group"), ("grpo", "batch"), ("rloo", "group"), ("opo", "group"),
+                                     ("reinforce++-baseline", "group"))]

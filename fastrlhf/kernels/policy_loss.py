@@ -293,3 +293,31 @@ def policy_loss_finish(partials, kl_coef, entropy_coef, loss, metrics):
     """Launches ``finish_kernel``; arguments as ``torch.ops.fastrlhf_cpp.policy_loss_finish``."""
     finish_kernel[(1,)](partials, loss, metrics, partials.shape[0], kl_coef, entropy_coef, BLOCK_K=64,
                         PAD=PARTIALS_PAD, num_warps=4)
+
+
+def aot_cases():
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: forward and backward of ``fastrlhf.policy_loss`` as
+    trainers call it (ppo with dual clip, k3 KL and an entropy bonus; gspo with per-sequence advantages; packed
+    cispo), fp32 and bf16, so the compiled variants are those these launch."""
+    import torch
+
+    import fastrlhf
+
+    def launch(loss_type, dtype, packed):
+        def run():
+            shape = (96,) if packed else (4, 24)
+            logp, entropy = (torch.randn(shape).to(dtype).requires_grad_() for _ in range(2))
+            old, ref = (torch.randn(shape).to(dtype) for _ in range(2))
+            advantages = torch.randn(shape[0] if loss_type == "gspo" and not packed else shape).to(dtype)
+            extra = {"cu_seqlens": torch.tensor([0, 30, 70, 96])} if packed else {}
+            loss, _ = fastrlhf.policy_loss(logp, old, advantages, torch.rand(shape) < 0.9, loss_type=loss_type,
+                                           dual_clip=3.0 if loss_type == "ppo" else None, ref_logp=ref,
+                                           kl_coef=0.1, entropy=entropy, entropy_coef=0.01,
+                                           aggregation="seq-mean-token-mean", **extra)
+            torch.autograd.grad(loss, (logp, entropy))
+        return run
+
+    return [(f"policy_loss {loss_type}{' packed' if packed else ''} {str(dtype).removeprefix('torch.')}",
+             launch(loss_type, dtype, packed))
+            for dtype in (torch.float32, torch.bfloat16)
+            for loss_type, packed in (("ppo", False), ("gspo", False), ("cispo", True))]
