@@ -5,7 +5,9 @@
 // exponentials against the running max (online softmax), so any vocabulary size works in one pass over
 // memory. With z = x / T and m the running max, per row:
 //   s = sum exp(z - m),  u = sum exp(z - m) (z - m),  lse = m + log s,  H = log s - u / s.
-// A raised max m' rescales both: s' = s e^(m - m'), u' = e^(m - m') (u + (m - m') s).
+// A raised max m' rescales both: s' = s e^(m - m'), u' = e^(m - m') (u + (m - m') s). A NaN logit (or 1/T)
+// makes its row's log-prob, entropy and gradient NaN, as in plain torch: a NaN max raises m (the test is
+// !(max <= m)), which turns s and u NaN for good; other rows are untouched.
 //
 // The vocabulary may be a shard [vocab_start, vocab_start + V) of a larger one (vocab-parallel); a
 // label outside the shard contributes log-prob 0 here and is combined across ranks in Python.
@@ -139,7 +141,7 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
     }
     const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, mx) *
                            (HAS_THRESHOLD ? acc_t(1) : inv_t);
-    if (tile_max > m) raise(tile_max);
+    if (!(tile_max <= m)) raise(tile_max);  // a NaN max raises too: m, s and u turn NaN and stay NaN
     if (m == NEG_INF<acc_t>) continue;  // everything so far is -inf: nothing to add
     const V_t scale(inv_t), shift(m);
     for (int64_t j = start; j < end; j += step) {
@@ -156,9 +158,10 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
   if (body < V) {
     acc_t tail_max = NEG_INF<acc_t>;
     for (int64_t j = body; j < V; ++j) {
-      tail_max = std::max(tail_max, kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold));
+      const acc_t z = kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold);
+      tail_max = z > tail_max || z != z ? z : tail_max;  // a NaN sticks (std::max would drop it)
     }
-    if (tail_max > m) raise(tail_max);
+    if (!(tail_max <= m)) raise(tail_max);
     if (m != NEG_INF<acc_t>) {
       for (int64_t j = body; j < V; ++j) {
         const acc_t d = finite(kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold) - m);
@@ -176,32 +179,50 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
   return {m + log_s, log_s - u / s};
 }
 
+// Where row i of [N, V] or [B, T, V] logits starts: (i / T) stride_b + (i % T) stride_t, so a slice such as
+// logits[:, :-1, :] is read (and, in place, written) where it lies, never copied.
+struct Layout {
+  int64_t T, stride_b, stride_t;
+  int64_t offset(int64_t i) const { return (i / T) * stride_b + (i % T) * stride_t; }
+};
+
+Layout layout_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, name, ": expected a 2-D [N, V] or 3-D [B, T, V] tensor, got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, name, ": expected unit stride in the vocab dim, got ",
+              t.stride(-1));
+  if (t.dim() == 2) return {std::max<int64_t>(t.size(0), 1), 0, t.stride(0)};
+  return {std::max<int64_t>(t.size(1), 1), t.stride(0), t.stride(1)};
+}
+
 struct Rows {
-  int64_t n, V, stride, vocab_start, ignore_index;
+  int64_t n, V, vocab_start, vocab_size, ignore_index;
+  Layout layout;
   const int64_t* labels;
   at::ScalarType acc;  // dtype of 1/T, the outputs and the upstream gradients
+
+  // Row i's label, refused unless in [0, vocab_size) or ignore_index: checked in the row loop itself (an
+  // exception in a worker reaches the caller), not in a second pass over the labels.
+  int64_t label(int64_t i) const {
+    const int64_t l = labels[i];
+    TORCH_CHECK(l == ignore_index || (l >= 0 && l < vocab_size), "labels: expected values in [0, ", vocab_size,
+                ") or ignore_index=", ignore_index, ", got ", l, " at row ", i);
+    return l;
+  }
 };
 
 Rows rows_of(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& inv_temp, int64_t ignore_index,
              int64_t vocab_start, int64_t vocab_size) {
-  TORCH_CHECK(logits.device().is_cpu(), "logits: expected a CPU tensor, got one on ", logits.device());
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits: expected a 2-D tensor with unit stride in the vocab dim");
-  const int64_t n = logits.size(0), V = logits.size(1);
+  const Layout layout = layout_of(logits, "logits");
+  const int64_t V = logits.size(-1), n = logits.dim() == 2 ? logits.size(0) : logits.size(0) * logits.size(1);
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_cpu_contiguous(labels, "labels");
   check_dtype(labels, at::kLong, "labels");
   TORCH_CHECK(labels.numel() == n, "labels: expected ", n, " elements, got ", labels.numel());
-  check_cpu_contiguous(inv_temp, "inv_temp");
-  check_dtype(inv_temp, acc, "inv_temp");
-  TORCH_CHECK(inv_temp.numel() == n, "inv_temp: expected ", n, " elements, got ", inv_temp.numel());
   TORCH_CHECK(vocab_start >= 0 && vocab_start + V <= vocab_size, "vocab_start: the shard [", vocab_start, ", ",
               vocab_start + V, ") must lie inside [0, ", vocab_size, ")");
-  const int64_t* l = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < vocab_size), "labels: expected values in [0, ",
-                vocab_size, ") or ignore_index=", ignore_index, ", got ", l[i], " at row ", i);
-  }
-  return {n, V, logits.stride(0), vocab_start, ignore_index, l, acc};
+  return {n, V, vocab_start, vocab_size, ignore_index, layout, labels.data_ptr<int64_t>(), acc};
 }
 
 // A per-row vector of the accumulation type (outputs, 1/T, upstream gradients).
@@ -245,20 +266,21 @@ void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const 
       constexpr bool HAS_THRESHOLD = decltype(has_threshold)::value;
       at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
-          const int64_t label = r.labels[i];
+          const int64_t label = r.label(i);
           if (label == r.ignore_index) {
             lp[i] = ent[i] = ls[i] = 0;
             continue;
           }
-          const scalar_t* row = x + i * r.stride;
+          const scalar_t* row = x + r.layout.offset(i);
           const acc_t t = HAS_THRESHOLD ? thr[i] : acc_t(0);
           const RowStats<acc_t> st = row_stats<HAS_THRESHOLD>(row, r.V, inv_t[i], t);
           const int64_t local = label - r.vocab_start;
           const bool owned = local >= 0 && local < r.V;
           // A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf
-          // (not -inf - -inf).
+          // (not -inf - -inf); a NaN anywhere in the row makes everything NaN.
           const acc_t z_label = owned ? kept<HAS_THRESHOLD>(static_cast<acc_t>(row[local]) * inv_t[i], t) : acc_t(0);
-          lp[i] = !owned ? acc_t(0) : z_label == NEG_INF<acc_t> ? NEG_INF<acc_t> : z_label - st.lse;
+          const bool minus_inf = z_label == NEG_INF<acc_t> && !std::isnan(st.lse);
+          lp[i] = !owned ? acc_t(0) : minus_inf ? NEG_INF<acc_t> : z_label - st.lse;
           ent[i] = st.entropy;
           ls[i] = st.lse;
         }
@@ -271,16 +293,16 @@ void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const 
 // the kept set. A label outside the kept set still gets its g_logp / T: its caller zeroes that row's upstream
 // gradients (fastrlhf.ops.logprobs.logits_grad), which a vocab shard without the label could not see.
 template <typename scalar_t, bool HAS_ENTROPY, bool HAS_THRESHOLD, typename acc_t = acc_type<scalar_t>>
-void backward_rows(const scalar_t* x, scalar_t* out, int64_t out_stride, const Rows& r, const acc_t* inv_temp,
+void backward_rows(const scalar_t* x, scalar_t* out, const Layout& out_layout, const Rows& r, const acc_t* inv_temp,
                    const acc_t* threshold, const acc_t* lse, const acc_t* entropy, const acc_t* g_logp,
                    const acc_t* g_ent) {
   using V_t = Vec<acc_t>;
   constexpr int64_t step = STEP<acc_t>;
   at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
-      const scalar_t* row = x + i * r.stride;
-      scalar_t* grad = out + i * out_stride;
-      const int64_t label = r.labels[i];
+      const scalar_t* row = x + r.layout.offset(i);
+      scalar_t* grad = out + out_layout.offset(i);
+      const int64_t label = r.label(i);
       if (label == r.ignore_index || lse[i] == NEG_INF<acc_t>) {
         std::fill(grad, grad + r.V, scalar_t(0));
         continue;
@@ -327,10 +349,10 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
                        int64_t vocab_size, at::Tensor& grad_logits) {
   const Rows r = rows_of(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size);
   TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(), "entropy and grad_entropy: give both or neither");
+  const Layout out_layout = layout_of(grad_logits, "grad_logits");
   check_dtype(grad_logits, logits.scalar_type(), "grad_logits");
   TORCH_CHECK(grad_logits.sizes() == logits.sizes(), "grad_logits: expected shape ", logits.sizes(), ", got ",
               grad_logits.sizes());
-  TORCH_CHECK(grad_logits.stride(1) == 1, "grad_logits: expected unit stride in the vocab dim");
   DISPATCH_LOGITS(logits.scalar_type(), "logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* inv_t = per_row<acc_t>(inv_temp, r, "inv_temp");
@@ -344,7 +366,7 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
     with_flag(ent != nullptr, [&](auto has_entropy) {
       with_flag(thr != nullptr, [&](auto has_threshold) {
         backward_rows<scalar_t, decltype(has_entropy)::value, decltype(has_threshold)::value>(
-            x, out, grad_logits.stride(0), r, inv_t, thr, ls, ent, gl, ge);
+            x, out, out_layout, r, inv_t, thr, ls, ent, gl, ge);
       });
     });
   });

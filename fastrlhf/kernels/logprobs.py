@@ -29,8 +29,8 @@ FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp_ptr, entropy_ptr, lse_ptr,
-                            stride_row, V, ignore_index, vocab_start, HAS_THRESHOLD: tl.constexpr,
-                            BLOCK_V: tl.constexpr):
+                            T, stride_b, stride_t, V, vocab_size, ignore_index, vocab_start,
+                            HAS_THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -41,7 +41,7 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
     else:
         inv_t = tl.load(inv_temp_ptr + row)
         threshold = _row_threshold(threshold_ptr, row, HAS_THRESHOLD)
-        x_row = x_ptr + row * stride_row
+        x_row = x_ptr + _row_offset(row, T, stride_b, stride_t)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full([], -float("inf"), ACC)
         s = tl.zeros([], ACC)
@@ -50,43 +50,48 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
             inside = start + cols < V
             z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
                       HAS_THRESHOLD)
+            # tl.max drops NaN: a NaN reaches s through its own exp (d propagates it), and s stays NaN.
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            # Until a finite logit is seen, m_new is -inf and nothing is added (no -inf - -inf).
-            if m_new > -float("inf"):
-                shift = tl.maximum(m - m_new, -FLOAT_MAX)
-                f = tl.exp(shift)
-                u = f * (u + shift * s)
-                s = f * s
-                d = tl.maximum(z - m_new, -FLOAT_MAX)
-                e = tl.exp(d)
-                s += tl.sum(e, axis=0)
-                u += tl.sum(e * d, axis=0)
-                m = m_new
+            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf while everything is -inf
+            shift = tl.maximum(m - base, -FLOAT_MAX)
+            f = tl.exp(shift)
+            u = f * (u + shift * s)
+            s = f * s
+            d = tl.maximum(z - base, -FLOAT_MAX, propagate_nan=tl.PropagateNan.ALL)
+            e = tl.exp(d)
+            s += tl.sum(e, axis=0)
+            u += tl.sum(e * d, axis=0)
+            m = m_new
         local = label - vocab_start
         owned = (local >= 0) & (local < V)
         z_label = _kept(tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t, threshold, HAS_THRESHOLD)
-        # Every logit -inf: no distribution, so log-probs -inf and entropy 0.
-        seen = m > -float("inf")
+        # Every logit -inf: no distribution, so log-probs -inf and entropy 0. A NaN logit: all NaN.
+        seen = (m > -float("inf")) | (s != s)
         log_s = tl.log(s)
         lse = tl.where(seen, m + log_s, -float("inf"))
         entropy = tl.where(seen, log_s - u / s, 0.0)
-        # A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf (not -inf - -inf).
-        logp = tl.where(z_label == -float("inf"), -float("inf"), z_label - lse)
-        tl.store(logp_ptr + row, tl.where(owned, logp, 0.0))
-        tl.store(entropy_ptr + row, entropy)
-        tl.store(lse_ptr + row, lse)
+        # A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf
+        # (not -inf - -inf).
+        logp = tl.where((z_label == -float("inf")) & (lse == lse), -float("inf"), z_label - lse)
+        # An out-of-range label (unchecked under torch.compile and on CUDA by default) poisons its row; a
+        # NaN lse makes the backward's gradient row NaN too.
+        valid = (label >= 0) & (label < vocab_size)
+        tl.store(logp_ptr + row, tl.where(valid, tl.where(owned, logp, 0.0), float("nan")))
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, float("nan")))
+        tl.store(lse_ptr + row, tl.where(valid, lse, float("nan")))
 
 
 @triton.jit
 def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
-                             grad_entropy_ptr, out_ptr, stride_row, stride_out, V, ignore_index, vocab_start,
+                             grad_entropy_ptr, out_ptr, T, stride_b, stride_t, out_stride_b, out_stride_t, V,
+                             ignore_index, vocab_start,
                              HAS_ENTROPY: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
-    x_row = x_ptr + row * stride_row
-    out_row = out_ptr + row * stride_out
+    x_row = x_ptr + _row_offset(row, T, stride_b, stride_t)
+    out_row = out_ptr + _row_offset(row, T, out_stride_b, out_stride_t)
     cols = tl.arange(0, BLOCK_V)
     if (label == ignore_index) | (lse == -float("inf")):
         for start in range(0, V, BLOCK_V):
@@ -116,6 +121,12 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, lse
 
 
 @triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    """Where row ``row`` of ``[B, T, V]`` logits starts (``[N, V]``: ``T = N``, ``stride_b = 0``)."""
+    return (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
 def _row_threshold(threshold_ptr, row, HAS_THRESHOLD: tl.constexpr):
     if HAS_THRESHOLD:
         return tl.load(threshold_ptr + row)
@@ -133,11 +144,11 @@ def _kept(z, threshold, HAS_THRESHOLD: tl.constexpr):
 def logprobs_forward(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, logp, entropy,
                      lse):
     """Launches the forward; arguments as the C++ op ``fastrlhf_cpp::logprobs_forward`` (checked in Python)."""
-    rows, V = logits.shape
+    rows, V = labels.shape[0], logits.shape[-1]
     if rows == 0:
         return
     logprobs_forward_kernel[(rows,)](logits, labels, inv_temp, inv_temp if threshold is None else threshold, logp,
-                                     entropy, lse, logits.stride(0), V, ignore_index, vocab_start,
+                                     entropy, lse, *_layout(logits), V, vocab_size, ignore_index, vocab_start,
                                      HAS_THRESHOLD=threshold is not None, BLOCK_V=_block(V), num_warps=NUM_WARPS)
 
 
@@ -145,15 +156,22 @@ def logprobs_backward(logits, labels, inv_temp, threshold, lse, entropy, grad_lo
                       vocab_start, vocab_size, grad_logits):
     """Launches the backward into ``grad_logits`` (which may be ``logits``); ``entropy``/``grad_entropy``
     are both None when the entropy got no gradient."""
-    rows, V = logits.shape
+    rows, V = labels.shape[0], logits.shape[-1]
     if rows == 0:
         return
     has_entropy = grad_entropy is not None
     logprobs_backward_kernel[(rows,)](
         logits, labels, inv_temp, inv_temp if threshold is None else threshold, lse, entropy if has_entropy else lse,
-        grad_logp, grad_entropy if has_entropy else grad_logp, grad_logits, logits.stride(0), grad_logits.stride(0),
-        V, ignore_index, vocab_start, HAS_ENTROPY=has_entropy, HAS_THRESHOLD=threshold is not None,
+        grad_logp, grad_entropy if has_entropy else grad_logp, grad_logits, *_layout(logits),
+        *_layout(grad_logits)[1:], V, ignore_index, vocab_start, HAS_ENTROPY=has_entropy, HAS_THRESHOLD=threshold is not None,
         BLOCK_V=_block(V), num_warps=NUM_WARPS)
+
+
+def _layout(logits):
+    """``(T, stride_b, stride_t)`` of ``[N, V]`` or ``[B, T, V]`` logits (unit vocab stride)."""
+    if logits.dim() == 2:
+        return max(logits.shape[0], 1), 0, logits.stride(0)
+    return max(logits.shape[1], 1), logits.stride(0), logits.stride(1)
 
 
 def _block(V: int) -> int:
@@ -164,11 +182,13 @@ def aot_cases():
     """(name, kernel, signature, constexprs) for ahead-of-time compilation, fp32 and bf16 logits."""
     cases = []
     for dtype in ("fp32", "bf16"):
-        rows = {"labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "threshold_ptr": "*fp32", "stride_row": "i64", "V": "i64",
-                "ignore_index": "i64", "vocab_start": "i64"}
-        forward = {"x_ptr": f"*{dtype}", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", **rows}
+        rows = {"labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "threshold_ptr": "*fp32", "T": "i64",
+                "stride_b": "i64", "stride_t": "i64", "V": "i64", "ignore_index": "i64", "vocab_start": "i64"}
+        forward = {"x_ptr": f"*{dtype}", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                   "vocab_size": "i64", **rows}
         backward = {"x_ptr": f"*{dtype}", "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32",
-                    "grad_entropy_ptr": "*fp32", "out_ptr": f"*{dtype}", "stride_out": "i64", **rows}
+                    "grad_entropy_ptr": "*fp32", "out_ptr": f"*{dtype}", "out_stride_b": "i64",
+                    "out_stride_t": "i64", **rows}
         cases.append((f"logprobs_forward {dtype} BLOCK_V={BLOCK_V}", logprobs_forward_kernel, forward,
                       {"HAS_THRESHOLD": False, "BLOCK_V": BLOCK_V}))
         cases.append((f"logprobs_backward {dtype} BLOCK_V={BLOCK_V}", logprobs_backward_kernel, backward,

@@ -60,6 +60,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     _check_parameters(hidden, weight, bias)
     # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
     flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
+    flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the matmuls take [N, H]
     vocab = weight.shape[0]
     _check_labels(flat_labels, ignore_index, vocab)
     chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])

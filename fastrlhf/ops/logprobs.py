@@ -24,12 +24,15 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the entropy.
 
     Args:
-        logits: ``[..., V]`` fp32, bf16, fp16 or fp64, unit stride in the last dim (other strides are
-            copied).
+        logits: ``[..., V]`` fp32, bf16, fp16 or fp64. Read where they lie when the leading dims view as
+            ``[N]`` or ``[B, T]`` with any strides (``logits[:, :-1, :]`` is not copied; an in-place backward
+            writes into that view); copied only for a non-unit vocab stride or leading dims that cannot
+            be viewed so.
         labels: ``[...]`` int64 or int32, the leading shape of ``logits``; each in ``[0, V)`` (the full
             vocabulary when sharded) or ``ignore_index``.
         temperature: a positive float, or a tensor broadcastable to ``[...]`` (per sequence or token).
-            Not differentiated.
+            Not differentiated. A tensor's values are checked where ``checks.values_checked`` (CPU, or
+            ``FASTRLHF_CHECKS=1``); elsewhere a row with temperature <= 0 (or NaN) gets NaN outputs.
         ignore_index: rows with this label give log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return ``entropy = logsumexp(z) - sum softmax(z) * z``, ``z = logits / T``.
         inplace_backward: the backward writes the logits' gradient into ``logits``' own storage (no
@@ -38,6 +41,10 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
         process_group: vocab-parallel: each rank holds ``logits[..., vocab_start_index:+V]`` of the full
             vocabulary; ``vocab_start_index`` defaults to ``rank * V``. One all-gather of three ``[...]``
             fp32 statistics combines the shards.
+
+    Labels out of range raise ValueError where ``checks.values_checked``; otherwise (CUDA by default, and
+    under torch.compile) the Triton kernel gives that row NaN log-prob, entropy and gradient, and the C++
+    kernel raises RuntimeError. A NaN logit makes its row's log-prob, entropy and gradient NaN.
 
     Returns:
         ``logp`` (``[...]``, fp32; fp64 for fp64 logits), or ``(logp, entropy)``. ``logp`` is ``-inf`` where the label's logit
@@ -54,10 +61,11 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     if process_group is not None:
         from fastrlhf.ops.logprobs_parallel import parallel_logprobs
 
+        flat_logits = flat_logits.reshape(-1, flat_logits.shape[-1])  # the shard statistics take [N, V_r]
         logp, entropy = parallel_logprobs(flat_logits, flat_labels, inv_temp, ignore_index, process_group,
                                           vocab_start_index, inplace_backward)
     else:
-        vocab = flat_logits.shape[1]
+        vocab = flat_logits.shape[-1]
         _check_labels(flat_labels, ignore_index, vocab)
         logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, None,
                                                                 ignore_index, 0, vocab, inplace_backward)
@@ -75,10 +83,8 @@ def _canonical(logits, labels, temperature):
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     checks.shape("labels", labels, logits.shape[:-1])
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    if flat.stride(1) != 1:
-        flat = flat.contiguous()
-    rows = flat.shape[0]
+    flat = _rows_view(logits)
+    rows = labels.numel()
     acc = _acc_dtype(logits)
     if isinstance(temperature, Tensor):
         checks.device("temperature", temperature, logits.device)
@@ -89,9 +95,10 @@ def _canonical(logits, labels, temperature):
         except RuntimeError:
             raise ValueError(f"temperature: expected a shape broadcastable to {tuple(labels.shape)}, "
                              f"got {tuple(temperature.shape)}") from None
-        if not torch.compiler.is_compiling() and not bool((t > 0).all()):
+        if checks.values_checked(t) and not bool((t > 0).all()):
             raise ValueError(f"temperature: expected positive values, got min {t.min().item()}")
-        inv_temp = t.reshape(-1).to(acc).reciprocal()
+        t = t.reshape(-1).to(acc)
+        inv_temp = torch.where(t > 0, t.reciprocal(), torch.nan)  # NaN poisons the row: no host sync
     else:
         if not float(temperature) > 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
@@ -101,13 +108,28 @@ def _canonical(logits, labels, temperature):
     return flat, labels.reshape(-1).to(torch.int64), inv_temp.contiguous()
 
 
+def _rows_view(logits):
+    """``[..., V]`` logits as ``[N, V]`` or ``[B, T, V]`` (the kernels take both strides of the latter), a
+    view whenever the strides allow; a copy only for a non-unit vocab stride or uncollapsible leading dims."""
+    vocab = logits.shape[-1]
+    if logits.stride(-1) == 1 or vocab == 1:
+        for shape in ((-1, vocab), (-1, *logits.shape[-2:]) if logits.dim() >= 3 else None):
+            if shape is not None:
+                try:
+                    return logits.view(shape)
+                except RuntimeError:
+                    pass
+    return logits.reshape(-1, vocab).contiguous()
+
+
 def _acc_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _check_labels(labels, ignore_index, vocab):
-    """Eager calls raise here with the offending value; compiled calls rely on the kernels' bounds."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    """Raises with the offending value where ``checks.values_checked``; elsewhere the kernels poison (Triton)
+    or refuse (C++) out-of-range labels."""
+    if not checks.values_checked(labels) or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -121,7 +143,7 @@ def forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start
     ``threshold`` (``[N]``, the accumulation dtype, or None): per row, logits whose ``z = x / T`` lies below
     it are outside the kept set, as if ``-inf``; a label outside it gets log-prob ``-inf``.
     """
-    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    like = logits.new_empty(labels.shape[0], dtype=_acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, threshold, ignore_index,
                                                          vocab_start, vocab_size, logp, entropy, lse)
@@ -156,7 +178,7 @@ def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold
 
 @logprobs_forward.register_fake
 def _(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, inplace_backward):
-    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    like = logits.new_empty(labels.shape[0], dtype=_acc_dtype(logits))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
