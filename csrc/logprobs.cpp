@@ -6,8 +6,8 @@
 // memory. With z = x / T and m the running max, per row:
 //   s = sum exp(z - m),  u = sum exp(z - m) (z - m),  lse = m + log s,  H = log s - u / s.
 // A raised max m' rescales both: s' = s e^(m - m'), u' = e^(m - m') (u + (m - m') s). A NaN logit (or 1/T)
-// makes its row's log-prob, entropy and gradient NaN, as in plain torch: a NaN max raises m (the test is
-// !(max <= m)), which turns s and u NaN for good; other rows are untouched.
+// makes its row's log-prob, entropy and gradient NaN, as in plain torch: a NaN tile max raises m to NaN,
+// which no later max passes and which turns s and u NaN for good; other rows are untouched.
 //
 // The vocabulary may be a shard [vocab_start, vocab_start + V) of a larger one (vocab-parallel); a
 // label outside the shard contributes log-prob 0 here and is combined across ranks in Python.
@@ -141,7 +141,7 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
     }
     const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, mx) *
                            (HAS_THRESHOLD ? acc_t(1) : inv_t);
-    if (!(tile_max <= m)) raise(tile_max);  // a NaN max raises too: m, s and u turn NaN and stay NaN
+    if (tile_max > m || tile_max != tile_max) raise(tile_max);  // a NaN max makes m, s and u NaN for good
     if (m == NEG_INF<acc_t>) continue;  // everything so far is -inf: nothing to add
     const V_t scale(inv_t), shift(m);
     for (int64_t j = start; j < end; j += step) {
@@ -161,7 +161,7 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
       const acc_t z = kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold);
       tail_max = z > tail_max || z != z ? z : tail_max;  // a NaN sticks (std::max would drop it)
     }
-    if (!(tail_max <= m)) raise(tail_max);
+    if (tail_max > m || tail_max != tail_max) raise(tail_max);
     if (m != NEG_INF<acc_t>) {
       for (int64_t j = body; j < V; ++j) {
         const acc_t d = finite(kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold) - m);
