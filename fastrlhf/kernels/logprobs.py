@@ -7,7 +7,11 @@ Raising the max to ``m'`` rescales both: ``s' = s f``, ``u' = f (u + (m - m') s)
 
 Backward, per element with ``d = z - lse`` (= log p): ``dz = p (a + b d)`` plus ``g_logp`` at the label,
 ``a = -(g_logp + g_ent H)``, ``b = -g_ent``, all times ``1/T``. Each tile is read before it is written,
-so the gradient may overwrite the logits (in-place backward). Offsets are int64: rows * V passes 2^31
+so the gradient may overwrite the logits (in-place backward).
+
+``HAS_THRESHOLD``: a per-row threshold (accumulation dtype) restricts the row to a kept set: a logit whose
+``z`` is below it counts as ``-inf`` (outside the sums, zero gradient), and so does the label's (log-prob
+``-inf``; the caller zeroes that row's upstream gradients, see ``fastrlhf.ops.logprobs.logits_grad``). Offsets are int64: rows * V passes 2^31
 for 16k tokens x 152k vocab. ``z - m`` is clamped to a finite floor so ``-inf`` logits give
 ``exp(d) d = 0``, never NaN.
 """
@@ -24,8 +28,9 @@ FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_ptr, lse_ptr, stride_row, V,
-                            ignore_index, vocab_start, BLOCK_V: tl.constexpr):
+def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp_ptr, entropy_ptr, lse_ptr,
+                            T, stride_b, stride_t, V, vocab_size, ignore_index, vocab_start,
+                            HAS_THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -35,51 +40,58 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, logp_ptr, entropy_p
         tl.store(lse_ptr + row, 0.0)
     else:
         inv_t = tl.load(inv_temp_ptr + row)
-        x_row = x_ptr + row * stride_row
+        threshold = _row_threshold(threshold_ptr, row, HAS_THRESHOLD)
+        x_row = x_ptr + _row_offset(row, T, stride_b, stride_t)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full([], -float("inf"), ACC)
         s = tl.zeros([], ACC)
         u = tl.zeros([], ACC)
         for start in range(0, V, BLOCK_V):
             inside = start + cols < V
-            z = tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t
+            z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
+                      HAS_THRESHOLD)
+            # tl.max drops NaN: a NaN reaches s through its own exp (d propagates it), and s stays NaN.
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            # Until a finite logit is seen, m_new is -inf and nothing is added (no -inf - -inf).
-            if m_new > -float("inf"):
-                shift = tl.maximum(m - m_new, -FLOAT_MAX)
-                f = tl.exp(shift)
-                u = f * (u + shift * s)
-                s = f * s
-                d = tl.maximum(z - m_new, -FLOAT_MAX)
-                e = tl.exp(d)
-                s += tl.sum(e, axis=0)
-                u += tl.sum(e * d, axis=0)
-                m = m_new
+            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf while everything is -inf
+            shift = tl.maximum(m - base, -FLOAT_MAX)
+            f = tl.exp(shift)
+            u = f * (u + shift * s)
+            s = f * s
+            d = tl.maximum(z - base, -FLOAT_MAX, propagate_nan=tl.PropagateNan.ALL)
+            e = tl.exp(d)
+            s += tl.sum(e, axis=0)
+            u += tl.sum(e * d, axis=0)
+            m = m_new
         local = label - vocab_start
         owned = (local >= 0) & (local < V)
-        z_label = tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t
-        # Every logit -inf: no distribution, so log-probs -inf and entropy 0.
-        seen = m > -float("inf")
+        z_label = _kept(tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t, threshold, HAS_THRESHOLD)
+        # Every logit -inf: no distribution, so log-probs -inf and entropy 0. A NaN logit: all NaN.
+        seen = (m > -float("inf")) | (s != s)
         log_s = tl.log(s)
         lse = tl.where(seen, m + log_s, -float("inf"))
         entropy = tl.where(seen, log_s - u / s, 0.0)
-        # A label logit of -inf has log-prob -inf, also when the whole row is -inf (not -inf - -inf).
-        logp = tl.where(z_label == -float("inf"), -float("inf"), z_label - lse)
-        tl.store(logp_ptr + row, tl.where(owned, logp, 0.0))
-        tl.store(entropy_ptr + row, entropy)
-        tl.store(lse_ptr + row, lse)
+        # A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf
+        # (not -inf - -inf).
+        logp = tl.where((z_label == -float("inf")) & (lse == lse), -float("inf"), z_label - lse)
+        # An out-of-range label (unchecked under torch.compile and on CUDA by default) poisons its row; a
+        # NaN lse makes the backward's gradient row NaN too.
+        valid = (label >= 0) & (label < vocab_size)
+        tl.store(logp_ptr + row, tl.where(valid, tl.where(owned, logp, 0.0), float("nan")))
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, float("nan")))
+        tl.store(lse_ptr + row, tl.where(valid, lse, float("nan")))
 
 
 @triton.jit
-def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
-                             grad_entropy_ptr, out_ptr, stride_row, stride_out, V, ignore_index, vocab_start,
-                             HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
+                             grad_entropy_ptr, out_ptr, T, stride_b, stride_t, out_stride_b, out_stride_t, V,
+                             ignore_index, vocab_start,
+                             HAS_ENTROPY: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
-    x_row = x_ptr + row * stride_row
-    out_row = out_ptr + row * stride_out
+    x_row = x_ptr + _row_offset(row, T, stride_b, stride_t)
+    out_row = out_ptr + _row_offset(row, T, out_stride_b, out_stride_t)
     cols = tl.arange(0, BLOCK_V)
     if (label == ignore_index) | (lse == -float("inf")):
         for start in range(0, V, BLOCK_V):
@@ -87,6 +99,7 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_p
             tl.store(out_row + start + cols, zero.to(out_ptr.dtype.element_ty), mask=start + cols < V)
     else:
         inv_t = tl.load(inv_temp_ptr + row)
+        threshold = _row_threshold(threshold_ptr, row, HAS_THRESHOLD)
         g_logp = tl.load(grad_logp_ptr + row)
         if HAS_ENTROPY:
             g_ent = tl.load(grad_entropy_ptr + row)
@@ -99,7 +112,7 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_p
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             inside = idx < V
-            z = tl.load(x_row + idx, mask=inside, other=0.0).to(ACC) * inv_t
+            z = _kept(tl.load(x_row + idx, mask=inside, other=0.0).to(ACC) * inv_t, threshold, HAS_THRESHOLD)
             d = tl.maximum(z - lse, -FLOAT_MAX)
             p = tl.exp(d)
             # p * (a + b d) would be 0 * inf at d = -FLOAT_MAX; p d is 0 there.
@@ -107,27 +120,58 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, lse_ptr, entropy_p
             tl.store(out_row + idx, grad.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, logp, entropy, lse):
+@triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    """Where row ``row`` of ``[B, T, V]`` logits starts (``[N, V]``: ``T = N``, ``stride_b = 0``)."""
+    return (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
+def _row_threshold(threshold_ptr, row, HAS_THRESHOLD: tl.constexpr):
+    if HAS_THRESHOLD:
+        return tl.load(threshold_ptr + row)
+    return -float("inf")
+
+
+@triton.jit
+def _kept(z, threshold, HAS_THRESHOLD: tl.constexpr):
+    """``z``, or ``-inf`` where it lies below the row's threshold (NaN stays NaN)."""
+    if HAS_THRESHOLD:
+        z = tl.where(z < threshold, -float("inf"), z)
+    return z
+
+
+def logprobs_forward(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, logp, entropy,
+                     lse):
     """Launches the forward; arguments as the C++ op ``fastrlhf_cpp::logprobs_forward`` (checked in Python)."""
-    rows, V = logits.shape
+    rows, V = labels.shape[0], logits.shape[-1]
     if rows == 0:
         return
-    logprobs_forward_kernel[(rows,)](logits, labels, inv_temp, logp, entropy, lse, logits.stride(0), V,
-                                     ignore_index, vocab_start, BLOCK_V=_block(V), num_warps=NUM_WARPS)
+    logprobs_forward_kernel[(rows,)](logits, labels, inv_temp, inv_temp if threshold is None else threshold, logp,
+                                     entropy, lse, *_layout(logits), V, vocab_size, ignore_index, vocab_start,
+                                     HAS_THRESHOLD=threshold is not None, BLOCK_V=_block(V), num_warps=NUM_WARPS)
 
 
-def logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
-                      vocab_size, grad_logits):
+def logprobs_backward(logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                      vocab_start, vocab_size, grad_logits):
     """Launches the backward into ``grad_logits`` (which may be ``logits``); ``entropy``/``grad_entropy``
     are both None when the entropy got no gradient."""
-    rows, V = logits.shape
+    rows, V = labels.shape[0], logits.shape[-1]
     if rows == 0:
         return
     has_entropy = grad_entropy is not None
     logprobs_backward_kernel[(rows,)](
-        logits, labels, inv_temp, lse, entropy if has_entropy else lse, grad_logp,
-        grad_entropy if has_entropy else grad_logp, grad_logits, logits.stride(0), grad_logits.stride(0), V,
-        ignore_index, vocab_start, HAS_ENTROPY=has_entropy, BLOCK_V=_block(V), num_warps=NUM_WARPS)
+        logits, labels, inv_temp, inv_temp if threshold is None else threshold, lse, entropy if has_entropy else lse,
+        grad_logp, grad_entropy if has_entropy else grad_logp, grad_logits, *_layout(logits),
+        *_layout(grad_logits)[1:], V, ignore_index, vocab_start, HAS_ENTROPY=has_entropy, HAS_THRESHOLD=threshold is not None,
+        BLOCK_V=_block(V), num_warps=NUM_WARPS)
+
+
+def _layout(logits):
+    """``(T, stride_b, stride_t)`` of ``[N, V]`` or ``[B, T, V]`` logits (unit vocab stride)."""
+    if logits.dim() == 2:
+        return max(logits.shape[0], 1), 0, logits.stride(0)
+    return max(logits.shape[1], 1), logits.stride(0), logits.stride(1)
 
 
 def _block(V: int) -> int:

@@ -24,12 +24,15 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the entropy.
 
     Args:
-        logits: ``[..., V]`` fp32, bf16, fp16 or fp64, unit stride in the last dim (other strides are
-            copied).
+        logits: ``[..., V]`` fp32, bf16, fp16 or fp64. Read where they lie when the leading dims view as
+            ``[N]`` or ``[B, T]`` with any strides (``logits[:, :-1, :]`` is not copied; an in-place backward
+            writes into that view); copied only for a non-unit vocab stride or leading dims that cannot
+            be viewed so.
         labels: ``[...]`` int64 or int32, the leading shape of ``logits``; each in ``[0, V)`` (the full
             vocabulary when sharded) or ``ignore_index``.
         temperature: a positive float, or a tensor broadcastable to ``[...]`` (per sequence or token).
-            Not differentiated.
+            Not differentiated. A tensor's values are checked where ``checks.values_checked`` (CPU, or
+            ``FASTRLHF_CHECKS=1``); elsewhere a row with temperature <= 0 (or NaN) gets NaN outputs.
         ignore_index: rows with this label give log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return ``entropy = logsumexp(z) - sum softmax(z) * z``, ``z = logits / T``.
         inplace_backward: the backward writes the logits' gradient into ``logits``' own storage (no
@@ -38,6 +41,10 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
         process_group: vocab-parallel: each rank holds ``logits[..., vocab_start_index:+V]`` of the full
             vocabulary; ``vocab_start_index`` defaults to ``rank * V``. One all-gather of three ``[...]``
             fp32 statistics combines the shards.
+
+    Labels out of range raise ValueError where ``checks.values_checked``; otherwise (CUDA by default, and
+    under torch.compile) the Triton kernel gives that row NaN log-prob, entropy and gradient, and the C++
+    kernel raises RuntimeError. A NaN logit makes its row's log-prob, entropy and gradient NaN.
 
     Returns:
         ``logp`` (``[...]``, fp32; fp64 for fp64 logits), or ``(logp, entropy)``. ``logp`` is ``-inf`` where the label's logit
@@ -54,13 +61,14 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     if process_group is not None:
         from fastrlhf.ops.logprobs_parallel import parallel_logprobs
 
+        flat_logits = flat_logits.reshape(-1, flat_logits.shape[-1])  # the shard statistics take [N, V_r]
         logp, entropy = parallel_logprobs(flat_logits, flat_labels, inv_temp, ignore_index, process_group,
                                           vocab_start_index, inplace_backward)
     else:
-        vocab = flat_logits.shape[1]
+        vocab = flat_logits.shape[-1]
         _check_labels(flat_labels, ignore_index, vocab)
-        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, ignore_index,
-                                                                0, vocab, inplace_backward)
+        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, None,
+                                                                ignore_index, 0, vocab, inplace_backward)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -75,10 +83,8 @@ def _canonical(logits, labels, temperature):
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     checks.shape("labels", labels, logits.shape[:-1])
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    if flat.stride(1) != 1:
-        flat = flat.contiguous()
-    rows = flat.shape[0]
+    flat = _rows_view(logits)
+    rows = labels.numel()
     acc = _acc_dtype(logits)
     if isinstance(temperature, Tensor):
         checks.device("temperature", temperature, logits.device)
@@ -89,9 +95,10 @@ def _canonical(logits, labels, temperature):
         except RuntimeError:
             raise ValueError(f"temperature: expected a shape broadcastable to {tuple(labels.shape)}, "
                              f"got {tuple(temperature.shape)}") from None
-        if not torch.compiler.is_compiling() and not bool((t > 0).all()):
+        if checks.values_checked(t) and not bool((t > 0).all()):
             raise ValueError(f"temperature: expected positive values, got min {t.min().item()}")
-        inv_temp = t.reshape(-1).to(acc).reciprocal()
+        t = t.reshape(-1).to(acc)
+        inv_temp = torch.where(t > 0, t.reciprocal(), torch.nan)  # NaN poisons the row: no host sync
     else:
         if not float(temperature) > 0:
             raise ValueError(f"temperature: expected a positive value, got {temperature}")
@@ -101,13 +108,28 @@ def _canonical(logits, labels, temperature):
     return flat, labels.reshape(-1).to(torch.int64), inv_temp.contiguous()
 
 
+def _rows_view(logits):
+    """``[..., V]`` logits as ``[N, V]`` or ``[B, T, V]`` (the kernels take both strides of the latter), a
+    view whenever the strides allow; a copy only for a non-unit vocab stride or uncollapsible leading dims."""
+    vocab = logits.shape[-1]
+    if logits.stride(-1) == 1 or vocab == 1:
+        for shape in ((-1, vocab), (-1, *logits.shape[-2:]) if logits.dim() >= 3 else None):
+            if shape is not None:
+                try:
+                    return logits.view(shape)
+                except RuntimeError:
+                    pass
+    return logits.reshape(-1, vocab).contiguous()
+
+
 def _acc_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _check_labels(labels, ignore_index, vocab):
-    """Eager calls raise here with the offending value; compiled calls rely on the kernels' bounds."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    """Raises with the offending value where ``checks.values_checked``; elsewhere the kernels poison (Triton)
+    or refuse (C++) out-of-range labels."""
+    if not checks.values_checked(labels) or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -115,67 +137,86 @@ def _check_labels(labels, ignore_index, vocab):
         raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}")
 
 
-def forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size):
-    """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``."""
-    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+def forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size):
+    """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``.
+
+    ``threshold`` (``[N]``, the accumulation dtype, or None): per row, logits whose ``z = x / T`` lies below
+    it are outside the kept set, as if ``-inf``; a label outside it gets log-prob ``-inf``.
+    """
+    like = logits.new_empty(labels.shape[0], dtype=_acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
-    backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start,
-                                                         vocab_size, logp, entropy, lse)
+    backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, threshold, ignore_index,
+                                                         vocab_start, vocab_size, logp, entropy, lse)
     return logp, entropy, lse
 
 
-def backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+def backward_into(out, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size):
-    """Writes the logits' gradient into ``out`` (which may be ``logits`` itself)."""
-    backend.kernels("logprobs", logits).logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
-                                                          grad_entropy, ignore_index, vocab_start, vocab_size, out)
+    """Writes the logits' gradient into ``out`` (which may be ``logits`` itself); zero outside the kept set.
+    Rows whose label lies outside the kept set need zero upstream gradients (``kept_upstream``)."""
+    backend.kernels("logprobs", logits).logprobs_backward(logits, labels, inv_temp, threshold, lse, entropy,
+                                                          grad_logp, grad_entropy, ignore_index, vocab_start,
+                                                          vocab_size, out)
+
+
+def kept_upstream(grad, logp, threshold):
+    """``grad`` (``[N]`` or None) with the rows whose label fell outside the kept set zeroed: their log-prob
+    is ``-inf`` under a finite threshold, and their whole gradient row is 0 (the sampler could not have
+    drawn the label; trainers mask such tokens)."""
+    if grad is None or threshold is None:
+        return grad
+    return grad.masked_fill((logp == -torch.inf) & (threshold > -torch.inf), 0.0)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_forward", mutates_args=())
-def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, ignore_index: int, vocab_start: int,
-                     vocab_size: int, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor],
+                     ignore_index: int, vocab_start: int, vocab_size: int,
+                     inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``[N]`` log-probs, entropies and logsumexps (the last saved for the backward), fp32 (fp64 for fp64)."""
-    return forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
+    return forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size)
 
 
 @logprobs_forward.register_fake
-def _(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace_backward):
-    like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+def _(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, inplace_backward):
+    like = logits.new_empty(labels.shape[0], dtype=_acc_dtype(logits))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_backward", mutates_args=())
-def logprobs_backward(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                      grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
-                      vocab_size: int) -> Tensor:
+def logprobs_backward(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor,
+                      entropy: Optional[Tensor], grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                      ignore_index: int, vocab_start: int, vocab_size: int) -> Tensor:
     """The gradient of ``logits`` (same dtype), recomputed from the saved per-row logsumexp."""
     out = backend.empty_outputs(torch.empty_like(logits, memory_format=torch.contiguous_format), 1)[0]
-    backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    backward_into(out, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size)
     return out
 
 
 @logprobs_backward.register_fake
-def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start, vocab_size):
+def _(logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
+      vocab_size):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_backward_", mutates_args=("logits",))
-def logprobs_backward_(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                       grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
-                       vocab_size: int) -> None:
+def logprobs_backward_(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor,
+                       entropy: Optional[Tensor], grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                       ignore_index: int, vocab_start: int, vocab_size: int) -> None:
     """As ``logprobs_backward``, writing the gradient over ``logits``; declared as a mutation, so the
     logits' version counter moves and any later use of them in autograd raises."""
-    backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    backward_into(logits, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size)
 
 
-def logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
-                vocab_size, inplace):
-    """The logits' gradient through the registered ops; ``grad_entropy=None`` skips the entropy term."""
+def logits_grad(logits, labels, inv_temp, threshold, logp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                vocab_start, vocab_size, inplace):
+    """The logits' gradient through the registered ops; ``grad_entropy=None`` skips the entropy term. Rows
+    whose label lies outside the kept set (``logp`` -inf under ``threshold``) get a zero gradient."""
     if grad_entropy is None:
         entropy = None
-    args = (labels, inv_temp, lse, entropy, grad_logp.contiguous(),
+    grad_logp, grad_entropy = (kept_upstream(g, logp, threshold) for g in (grad_logp, grad_entropy))
+    args = (labels, inv_temp, threshold, lse, entropy, grad_logp.contiguous(),
             None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, vocab_start, vocab_size)
     if inplace:
         torch.ops.fastrlhf.logprobs_backward_(logits, *args)
@@ -184,18 +225,18 @@ def logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, inv_temp, lse, entropy)
+    logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, inplace = inputs
+    logp, entropy, lse = output
+    ctx.save_for_backward(logits, labels, inv_temp, threshold, logp, lse, entropy)
     ctx.args = (ignore_index, vocab_start, vocab_size, inplace)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    logits, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
     ignore_index, vocab_start, vocab_size, inplace = ctx.args
-    grad = logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
-                       vocab_size, inplace)
-    return grad, None, None, None, None, None, None
+    grad = logits_grad(logits, labels, inv_temp, threshold, logp, lse, entropy, grad_logp, grad_entropy,
+                       ignore_index, vocab_start, vocab_size, inplace)
+    return grad, None, None, None, None, None, None, None
 
 
 logprobs_forward.register_autograd(_backward, setup_context=_setup_context)
