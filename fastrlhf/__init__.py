@@ -5,8 +5,9 @@ from fastrlhf.ops.gae import gae
 from fastrlhf.ops.linear_logprobs import linear_logprobs
 from fastrlhf.ops.logprobs import logprobs
 from fastrlhf.ops.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
+from fastrlhf.ops.sampling_threshold import sampling_threshold
 from fastrlhf.ops.whiten import masked_whiten
 
 __all__ = ["BACKENDS", "dpo_loss", "gae", "linear_logprobs", "logprobs", "masked_whiten", "pairwise_sigmoid_loss",
-           "reward_model_loss", "use_backend"]
+           "reward_model_loss", "sampling_threshold", "use_backend"]
 __version__ = "0.1.0"

@@ -1,3 +1,3 @@
 """Triton kernels, one module per op. Imported only through ``fastrlhf.backend.triton_kernels``."""
 
-NAMES = ("gae", "logprobs", "pairwise")
+NAMES = ("gae", "logprobs", "pairwise", "sampling_threshold")
