@@ -77,10 +77,14 @@ struct Candidate {
   double mass;
 };
 
-template <typename acc_t>
-struct Scratch {
+struct Histogram {
   std::vector<int64_t> count = std::vector<int64_t>(BINS);
   std::vector<double> mass = std::vector<double>(BINS);
+};
+
+template <typename acc_t>
+struct Scratch {
+  Histogram top, sub;  // the row's top-digit histogram, and the descents' (which must not overwrite it)
   std::vector<acc_t> z = std::vector<acc_t>(TILE), e = std::vector<acc_t>(TILE);
   std::vector<Candidate<acc_t>> bin, work;  // one gathered bin, and the copy a descent compacts
 };
@@ -124,8 +128,9 @@ acc_t row_max(const scalar_t* x, int64_t V, acc_t inv_t, Scratch<acc_t>& s) {
     Vec mx(NEG_INF<acc_t>);
     int64_t j = 0;
     for (; j + Vec::size() <= n; j += Vec::size()) mx = at::vec::maximum(mx, Vec::loadu(s.z.data() + j));
-    m = std::max(m, at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mx));
-    if (std::isnan(m)) return m;
+    const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mx);
+    if (std::isnan(tile_max)) return tile_max;
+    m = std::max(m, tile_max);
     for (; j < n; ++j) {
       if (std::isnan(s.z[j])) return s.z[j];
       m = std::max(m, s.z[j]);
@@ -160,18 +165,18 @@ key_type<acc_t> descend(std::vector<Candidate<acc_t>>& c, int shift_done, std::c
   while (shift_done > 0) {
     const int width = std::min(DIGIT, shift_done), shift = shift_done - width, bins = 1 << width;
     const U mask = (U(1) << width) - 1;
-    std::fill(s.count.begin(), s.count.begin() + bins, 0);
-    std::fill(s.mass.begin(), s.mass.begin() + bins, 0.0);
+    std::fill(s.sub.count.begin(), s.sub.count.begin() + bins, 0);
+    std::fill(s.sub.mass.begin(), s.sub.mass.begin() + bins, 0.0);
     for (size_t i = 0; i < n; ++i) {
       const size_t d = (c[i].key >> shift) & mask;
-      s.count[d] += 1;
-      s.mass[d] += c[i].mass;
+      s.sub.count[d] += 1;
+      s.sub.mass[d] += c[i].mass;
     }
     int bin;
     if constexpr (BY_MASS) {
-      std::tie(bin, above) = walk(s.mass.data(), bins, target, above);
+      std::tie(bin, above) = walk(s.sub.mass.data(), bins, target, above);
     } else {
-      std::tie(bin, above) = walk(s.count.data(), bins, target, above);
+      std::tie(bin, above) = walk(s.sub.count.data(), bins, target, above);
     }
     size_t kept = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -200,13 +205,13 @@ acc_t row_threshold(const scalar_t* x, int64_t V, acc_t inv_t, int64_t top_k, ac
   if (use_p && top_p <= 0) return m;  // top-p 0 keeps the most likely tokens only (ties whole)
 
   // Level 0: counts and masses of the values above the min-p floor, by their top DIGIT key bits.
-  std::fill(s.count.begin(), s.count.end(), 0);
-  std::fill(s.mass.begin(), s.mass.end(), 0.0);
+  std::fill(s.top.count.begin(), s.top.count.end(), 0);
+  std::fill(s.top.mass.begin(), s.top.mass.end(), 0.0);
   const auto histogram = [&](acc_t z, acc_t e) {
     if (z >= floor) {
       const U d = key_of(z) >> SHIFT0;
-      s.count[d] += 1;
-      s.mass[d] += e;
+      s.top.count[d] += 1;
+      s.top.mass[d] += e;
     }
   };
   if (use_p) for_each_value<true>(x, V, inv_t, m, s, histogram);
@@ -221,28 +226,28 @@ acc_t row_threshold(const scalar_t* x, int64_t V, acc_t inv_t, int64_t top_k, ac
 
   acc_t threshold = floor;
   int64_t remaining = 0;
-  for (int b = 0; b < BINS; ++b) remaining += s.count[b];
+  for (int b = 0; b < BINS; ++b) remaining += s.top.count[b];
   int k_bin = -1;
   U k_key = 0;
   if (use_k && remaining > top_k) {
     int64_t above;
-    std::tie(k_bin, above) = walk(s.count.data(), BINS, top_k, int64_t(0));
+    std::tie(k_bin, above) = walk(s.top.count.data(), BINS, top_k, int64_t(0));
     gather(U(k_bin));
     s.work = s.bin;
     k_key = descend<false, acc_t>(s.work, SHIFT0, top_k, above, s);
     threshold = std::max(threshold, value_of<acc_t>(k_key));
     if (use_p) {  // top-p sees only what top-k kept: the bins above, and the top of the k-th value's bin
-      std::fill(s.mass.begin(), s.mass.begin() + k_bin, 0.0);
+      std::fill(s.top.mass.begin(), s.top.mass.begin() + k_bin, 0.0);
       double part = 0;
       for (const auto& c : s.bin) part += c.key >= k_key ? c.mass : 0.0;
-      s.mass[k_bin] = part;
+      s.top.mass[k_bin] = part;
     }
   }
   if (use_p) {
     double total = 0;
-    for (int b = 0; b < BINS; ++b) total += s.mass[b];
+    for (int b = 0; b < BINS; ++b) total += s.top.mass[b];
     const double target = double(top_p) * total;
-    auto [p_bin, above] = walk(s.mass.data(), BINS, target, 0.0);
+    auto [p_bin, above] = walk(s.top.mass.data(), BINS, target, 0.0);
     if (p_bin == k_bin) {
       s.work.clear();
       for (const auto& c : s.bin) if (c.key >= k_key) s.work.push_back(c);
