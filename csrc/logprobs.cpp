@@ -10,6 +10,10 @@
 // The vocabulary may be a shard [vocab_start, vocab_start + V) of a larger one (vocab-parallel); a
 // label outside the shard contributes log-prob 0 here and is combined across ranks in Python.
 //
+// An optional per-row threshold restricts each row to a kept set (the sampler's top-k / top-p / min-p):
+// a logit whose z = x / T is below threshold[row] counts as -inf (outside the sums, zero gradient), and so
+// does the label's. Without one the loops carry no comparison at all (a template parameter).
+//
 // fp32, bf16 and fp16 logits are computed in fp32 (outputs, 1/T and upstream gradients fp32); fp64
 // logits in fp64 throughout, for float64 gradient checks.
 //
@@ -82,15 +86,27 @@ inline Vec<acc_t> finite(const Vec<acc_t>& d) {
 template <typename acc_t>
 inline acc_t finite(acc_t d) { return std::max(d, -std::numeric_limits<acc_t>::max()); }
 
+// z, or -inf where it lies below the row's threshold (outside the kept set); NaN stays NaN.
+template <bool HAS_THRESHOLD, typename acc_t>
+inline Vec<acc_t> kept(const Vec<acc_t>& z, const Vec<acc_t>& threshold) {
+  if constexpr (HAS_THRESHOLD) return Vec<acc_t>::blendv(z, Vec<acc_t>(NEG_INF<acc_t>), z < threshold);
+  return z;
+}
+template <bool HAS_THRESHOLD, typename acc_t>
+inline acc_t kept(acc_t z, acc_t threshold) {
+  return HAS_THRESHOLD && z < threshold ? NEG_INF<acc_t> : z;
+}
+
 template <typename acc_t>
 struct RowStats {
   acc_t lse;
   acc_t entropy;
 };
 
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
+template <bool HAS_THRESHOLD, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t threshold) {
   using V_t = Vec<acc_t>;
+  const V_t thr(threshold);
   constexpr int64_t step = STEP<acc_t>;
   acc_t m = NEG_INF<acc_t>;
   V_t s0(0), s1(0), u0(0), u1(0);
@@ -114,15 +130,22 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
     V_t mx(NEG_INF<acc_t>);
     for (int64_t j = start; j < end; j += step) {
       auto [a, b] = load_acc(x + j);
+      // Without a threshold the max of x times 1/T is that of z (T > 0): one multiply per tile, not per element.
+      if constexpr (HAS_THRESHOLD) {
+        a = kept<true>(a * V_t(inv_t), thr);
+        b = kept<true>(b * V_t(inv_t), thr);
+      }
       mx = at::vec::maximum(mx, at::vec::maximum(a, b));
     }
-    const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, mx) * inv_t;
+    const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, mx) *
+                           (HAS_THRESHOLD ? acc_t(1) : inv_t);
     if (tile_max > m) raise(tile_max);
     if (m == NEG_INF<acc_t>) continue;  // everything so far is -inf: nothing to add
     const V_t scale(inv_t), shift(m);
     for (int64_t j = start; j < end; j += step) {
       auto [a, b] = load_acc(x + j);
-      const V_t da = finite(a * scale - shift), db = finite(b * scale - shift);
+      const V_t da = finite(kept<HAS_THRESHOLD>(a * scale, thr) - shift);
+      const V_t db = finite(kept<HAS_THRESHOLD>(b * scale, thr) - shift);
       const V_t ea = exp_of(da), eb = exp_of(db);
       s0 += ea;
       s1 += eb;
@@ -132,11 +155,14 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
   }
   if (body < V) {
     acc_t tail_max = NEG_INF<acc_t>;
-    for (int64_t j = body; j < V; ++j) tail_max = std::max(tail_max, static_cast<acc_t>(x[j]) * inv_t);
+    for (int64_t j = body; j < V; ++j) {
+      tail_max = std::max(tail_max, kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold));
+    }
     if (tail_max > m) raise(tail_max);
     if (m != NEG_INF<acc_t>) {
       for (int64_t j = body; j < V; ++j) {
-        const acc_t d = finite(static_cast<acc_t>(x[j]) * inv_t - m), e = std::exp(d);
+        const acc_t d = finite(kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold) - m);
+        const acc_t e = std::exp(d);
         s_tail += e;
         u_tail += e * d;
       }
@@ -194,41 +220,60 @@ acc_t* per_row(const at::Tensor& t, const Rows& r, const char* name) {
 
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
+// Calls f with std::true_type or std::false_type: a runtime flag as a template parameter.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& inv_temp,
-                      int64_t ignore_index, int64_t vocab_start, int64_t vocab_size, at::Tensor& logp,
-                      at::Tensor& entropy, at::Tensor& lse) {
+                      const c10::optional<at::Tensor>& threshold, int64_t ignore_index, int64_t vocab_start,
+                      int64_t vocab_size, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
   const Rows r = rows_of(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size);
   DISPATCH_LOGITS(logits.scalar_type(), "logprobs_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* inv_t = per_row<acc_t>(inv_temp, r, "inv_temp");
+    const acc_t* thr = threshold ? per_row<acc_t>(*threshold, r, "threshold") : nullptr;
     acc_t *lp = per_row<acc_t>(logp, r, "logp"), *ent = per_row<acc_t>(entropy, r, "entropy");
     acc_t* ls = per_row<acc_t>(lse, r, "lse");
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        const int64_t label = r.labels[i];
-        if (label == r.ignore_index) {
-          lp[i] = ent[i] = ls[i] = 0;
-          continue;
+    with_flag(thr != nullptr, [&](auto has_threshold) {
+      constexpr bool HAS_THRESHOLD = decltype(has_threshold)::value;
+      at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t label = r.labels[i];
+          if (label == r.ignore_index) {
+            lp[i] = ent[i] = ls[i] = 0;
+            continue;
+          }
+          const scalar_t* row = x + i * r.stride;
+          const acc_t t = HAS_THRESHOLD ? thr[i] : acc_t(0);
+          const RowStats<acc_t> st = row_stats<HAS_THRESHOLD>(row, r.V, inv_t[i], t);
+          const int64_t local = label - r.vocab_start;
+          const bool owned = local >= 0 && local < r.V;
+          // A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf
+          // (not -inf - -inf).
+          const acc_t z_label = owned ? kept<HAS_THRESHOLD>(static_cast<acc_t>(row[local]) * inv_t[i], t) : acc_t(0);
+          lp[i] = !owned ? acc_t(0) : z_label == NEG_INF<acc_t> ? NEG_INF<acc_t> : z_label - st.lse;
+          ent[i] = st.entropy;
+          ls[i] = st.lse;
         }
-        const scalar_t* row = x + i * r.stride;
-        const RowStats<acc_t> st = row_stats(row, r.V, inv_t[i]);
-        const int64_t local = label - r.vocab_start;
-        const bool owned = local >= 0 && local < r.V;
-        // A label logit of -inf has log-prob -inf, also when the whole row is -inf (not -inf - -inf).
-        const acc_t z_label = owned ? static_cast<acc_t>(row[local]) * inv_t[i] : acc_t(0);
-        lp[i] = !owned ? acc_t(0) : z_label == NEG_INF<acc_t> ? NEG_INF<acc_t> : z_label - st.lse;
-        ent[i] = st.entropy;
-        ls[i] = st.lse;
-      }
+      });
     });
   });
 }
 
-// d z_j = g_logp (onehot_j - p_j) - g_ent p_j (log p_j + H), then times 1/T for the logits.
-template <typename scalar_t, bool HAS_ENTROPY, typename acc_t = acc_type<scalar_t>>
+// d z_j = g_logp (onehot_j - p_j) - g_ent p_j (log p_j + H), then times 1/T for the logits; p_j = 0 outside
+// the kept set. A label outside the kept set still gets its g_logp / T: its caller zeroes that row's upstream
+// gradients (fastrlhf.ops.logprobs.logits_grad), which a vocab shard without the label could not see.
+template <typename scalar_t, bool HAS_ENTROPY, bool HAS_THRESHOLD, typename acc_t = acc_type<scalar_t>>
 void backward_rows(const scalar_t* x, scalar_t* out, int64_t out_stride, const Rows& r, const acc_t* inv_temp,
-                   const acc_t* lse, const acc_t* entropy, const acc_t* g_logp, const acc_t* g_ent) {
+                   const acc_t* threshold, const acc_t* lse, const acc_t* entropy, const acc_t* g_logp,
+                   const acc_t* g_ent) {
   using V_t = Vec<acc_t>;
   constexpr int64_t step = STEP<acc_t>;
   at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
@@ -244,15 +289,17 @@ void backward_rows(const scalar_t* x, scalar_t* out, int64_t out_stride, const R
       const acc_t ge = HAS_ENTROPY ? g_ent[i] : acc_t(0), h = HAS_ENTROPY ? entropy[i] : acc_t(0);
       // grad_j = -p_j (gl + ge (d_j + H)) / T with d_j = log p_j, plus gl / T at the label.
       const acc_t a = -inv_t * (gl + ge * h), b = -inv_t * ge;
-      const V_t scale(inv_t), shift(lse[i]), va(a), vb(b);
+      const acc_t t = HAS_THRESHOLD ? threshold[i] : acc_t(0);
+      const V_t scale(inv_t), shift(lse[i]), va(a), vb(b), thr(t);
       // Read before the loop: an in-place backward overwrites the row as it goes.
       const int64_t local = label - r.vocab_start;
       const bool owned = local >= 0 && local < r.V;
-      const acc_t z_label = owned ? static_cast<acc_t>(row[local]) * inv_t : acc_t(0);
+      const acc_t z_label = owned ? kept<HAS_THRESHOLD>(static_cast<acc_t>(row[local]) * inv_t, t) : acc_t(0);
       const int64_t body = r.V - r.V % step;
       for (int64_t j = 0; j < body; j += step) {
         auto [za, zb] = load_acc(row + j);
-        const V_t da = finite(za * scale - shift), db = finite(zb * scale - shift);
+        const V_t da = finite(kept<HAS_THRESHOLD>(za * scale, thr) - shift);
+        const V_t db = finite(kept<HAS_THRESHOLD>(zb * scale, thr) - shift);
         const V_t pa = exp_of(da), pb = exp_of(db);
         if constexpr (HAS_ENTROPY) {
           // p (a + b d) would be 0 * inf at d = -max (a -inf logit); p d is 0 there.
@@ -265,14 +312,17 @@ void backward_rows(const scalar_t* x, scalar_t* out, int64_t out_stride, const R
         const acc_t d = finite(z - lse[i]), p = std::exp(d);
         return p * a + (HAS_ENTROPY ? b * (p * d) : acc_t(0));
       };
-      for (int64_t j = body; j < r.V; ++j) grad[j] = static_cast<scalar_t>(scalar(static_cast<acc_t>(row[j]) * inv_t));
+      for (int64_t j = body; j < r.V; ++j) {
+        grad[j] = static_cast<scalar_t>(scalar(kept<HAS_THRESHOLD>(static_cast<acc_t>(row[j]) * inv_t, t)));
+      }
       if (owned) grad[local] = static_cast<scalar_t>(scalar(z_label) + gl * inv_t);
     }
   });
 }
 
 void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& inv_temp,
-                       const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                       const c10::optional<at::Tensor>& threshold, const at::Tensor& lse,
+                       const c10::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
                        const c10::optional<at::Tensor>& grad_entropy, int64_t ignore_index, int64_t vocab_start,
                        int64_t vocab_size, at::Tensor& grad_logits) {
   const Rows r = rows_of(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size);
@@ -284,16 +334,19 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
   DISPATCH_LOGITS(logits.scalar_type(), "logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* inv_t = per_row<acc_t>(inv_temp, r, "inv_temp");
+    const acc_t* thr = threshold ? per_row<acc_t>(*threshold, r, "threshold") : nullptr;
     const acc_t* ls = per_row<acc_t>(lse, r, "lse");
     const acc_t* gl = per_row<acc_t>(grad_logp, r, "grad_logp");
+    const acc_t* ent = entropy ? per_row<acc_t>(*entropy, r, "entropy") : nullptr;
+    const acc_t* ge = grad_entropy ? per_row<acc_t>(*grad_entropy, r, "grad_entropy") : nullptr;
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* out = grad_logits.data_ptr<scalar_t>();
-    if (entropy) {
-      backward_rows<scalar_t, true>(x, out, grad_logits.stride(0), r, inv_t, ls, per_row<acc_t>(*entropy, r, "entropy"),
-                                    gl, per_row<acc_t>(*grad_entropy, r, "grad_entropy"));
-    } else {
-      backward_rows<scalar_t, false, acc_t>(x, out, grad_logits.stride(0), r, inv_t, ls, nullptr, gl, nullptr);
-    }
+    with_flag(ent != nullptr, [&](auto has_entropy) {
+      with_flag(thr != nullptr, [&](auto has_threshold) {
+        backward_rows<scalar_t, decltype(has_entropy)::value, decltype(has_threshold)::value>(
+            x, out, grad_logits.stride(0), r, inv_t, thr, ls, ent, gl, ge);
+      });
+    });
   });
 }
 
@@ -301,11 +354,12 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
 
 TORCH_LIBRARY_FRAGMENT(fastrlhf_cpp, m) {
   m.def(
-      "logprobs_forward(Tensor logits, Tensor labels, Tensor inv_temp, int ignore_index, int vocab_start, "
-      "int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+      "logprobs_forward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, int ignore_index, "
+      "int vocab_start, int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
   m.def(
-      "logprobs_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor? entropy, "
-      "Tensor grad_logp, Tensor? grad_entropy, int ignore_index, int vocab_start, int vocab_size, "
+      "logprobs_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, Tensor lse, "
+      "Tensor? entropy, Tensor grad_logp, Tensor? grad_entropy, int ignore_index, int vocab_start, "
+      "int vocab_size, "
       "Tensor(a!) grad_logits) -> ()");
 }
 

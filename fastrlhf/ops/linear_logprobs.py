@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.logprobs import LOGIT_DTYPES, _acc_dtype, _canonical, _check_labels, backward_into, forward_local
+from fastrlhf.ops.logprobs import (LOGIT_DTYPES, _acc_dtype, _canonical, _check_labels, backward_into, forward_local,
+                                   kept_upstream)
 
 # chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
 # holds nothing else, and its token chunks get slow when small (each chunk's matmul streams all of the
@@ -63,7 +64,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     _check_labels(flat_labels, ignore_index, vocab)
     chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])
     logp, entropy, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
-                                                                   ignore_index, chunk, width)
+                                                                   None, ignore_index, chunk, width)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -122,28 +123,31 @@ def _chunk_logits(hidden, weight, bias, step, by_vocab=False):
 
 @torch.library.custom_op("fastrlhf::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                            inv_temp: Tensor, ignore_index: int, chunk_size: int,
+                            inv_temp: Tensor, threshold: Optional[Tensor], ignore_index: int, chunk_size: int,
                             slice_width: int) -> tuple[Tensor, Tensor, Tensor]:
     """``[N]`` fp32 log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
-    ``chunk_size`` tokens at a time; ``slice_width`` is the backward's."""
+    ``chunk_size`` tokens at a time; ``slice_width`` is the backward's. ``threshold``: the per-row kept-set
+    threshold of ``fastrlhf.ops.logprobs.forward_local`` (saved for the backward), or None."""
     like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     vocab = weight.shape[0]
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
-        logp[rows], entropy[rows], lse[rows] = forward_local(logits, labels[rows], inv_temp[rows], ignore_index, 0,
-                                                             vocab)
+        logp[rows], entropy[rows], lse[rows] = forward_local(
+            logits, labels[rows], inv_temp[rows], None if threshold is None else threshold[rows], ignore_index, 0,
+            vocab)
     return logp, entropy, lse
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, slice_width):
+def _(hidden, weight, bias, labels, inv_temp, threshold, ignore_index, chunk_size, slice_width):
     like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
 @torch.library.custom_op("fastrlhf::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                             inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor], grad_logp: Tensor,
+                             inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
+                             grad_logp: Tensor,
                              grad_entropy: Optional[Tensor], ignore_index: int, slice_width: int,
                              needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]``, each in its input's dtype; one
@@ -166,8 +170,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = weight.new_empty(vocab if need_bias else 0)
     for cols, logits in _chunk_logits(hidden, weight, bias, slice_width, by_vocab=True):
-        backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
-                      cols.start, vocab)
+        backward_into(logits, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy,
+                      ignore_index, cols.start, vocab)
         if need_hidden:
             grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
         if need_weight:
@@ -178,8 +182,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 @linear_logprobs_backward.register_fake
-def _(hidden, weight, bias, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, slice_width,
-      needs_grad):
+def _(hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
+      slice_width, needs_grad):
     need_hidden, need_weight, need_bias = needs_grad
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -187,23 +191,24 @@ def _(hidden, weight, bias, labels, inv_temp, lse, entropy, grad_logp, grad_entr
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temp, ignore_index, _, slice_width = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, lse, entropy)
+    hidden, weight, bias, labels, inv_temp, threshold, ignore_index, _, slice_width = inputs
+    logp, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, threshold, logp, lse, entropy)
     ctx.args = (ignore_index, slice_width)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
     ignore_index, slice_width = ctx.args
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if grad_entropy is None:
         entropy = None
+    grad_logp, grad_entropy = (kept_upstream(g, logp, threshold) for g in (grad_logp, grad_entropy))
     grad_hidden, grad_weight, grad_bias = torch.ops.fastrlhf.linear_logprobs_backward(
-        hidden, weight, bias, labels, inv_temp, lse, entropy, grad_logp.contiguous(),
+        hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, slice_width, needs)
     return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -59,8 +59,8 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     else:
         vocab = flat_logits.shape[1]
         _check_labels(flat_labels, ignore_index, vocab)
-        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, ignore_index,
-                                                                0, vocab, inplace_backward)
+        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, None,
+                                                                ignore_index, 0, vocab, inplace_backward)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -115,67 +115,86 @@ def _check_labels(labels, ignore_index, vocab):
         raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}")
 
 
-def forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size):
-    """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``."""
+def forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size):
+    """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``.
+
+    ``threshold`` (``[N]``, the accumulation dtype, or None): per row, logits whose ``z = x / T`` lies below
+    it are outside the kept set, as if ``-inf``; a label outside it gets log-prob ``-inf``.
+    """
     like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
-    backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, ignore_index, vocab_start,
-                                                         vocab_size, logp, entropy, lse)
+    backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, threshold, ignore_index,
+                                                         vocab_start, vocab_size, logp, entropy, lse)
     return logp, entropy, lse
 
 
-def backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+def backward_into(out, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size):
-    """Writes the logits' gradient into ``out`` (which may be ``logits`` itself)."""
-    backend.kernels("logprobs", logits).logprobs_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
-                                                          grad_entropy, ignore_index, vocab_start, vocab_size, out)
+    """Writes the logits' gradient into ``out`` (which may be ``logits`` itself); zero outside the kept set.
+    Rows whose label lies outside the kept set need zero upstream gradients (``kept_upstream``)."""
+    backend.kernels("logprobs", logits).logprobs_backward(logits, labels, inv_temp, threshold, lse, entropy,
+                                                          grad_logp, grad_entropy, ignore_index, vocab_start,
+                                                          vocab_size, out)
+
+
+def kept_upstream(grad, logp, threshold):
+    """``grad`` (``[N]`` or None) with the rows whose label fell outside the kept set zeroed: their log-prob
+    is ``-inf`` under a finite threshold, and their whole gradient row is 0 (the sampler could not have
+    drawn the label; trainers mask such tokens)."""
+    if grad is None or threshold is None:
+        return grad
+    return grad.masked_fill((logp == -torch.inf) & (threshold > -torch.inf), 0.0)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_forward", mutates_args=())
-def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, ignore_index: int, vocab_start: int,
-                     vocab_size: int, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+def logprobs_forward(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor],
+                     ignore_index: int, vocab_start: int, vocab_size: int,
+                     inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``[N]`` log-probs, entropies and logsumexps (the last saved for the backward), fp32 (fp64 for fp64)."""
-    return forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
+    return forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size)
 
 
 @logprobs_forward.register_fake
-def _(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace_backward):
+def _(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, inplace_backward):
     like = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_backward", mutates_args=())
-def logprobs_backward(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                      grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
-                      vocab_size: int) -> Tensor:
+def logprobs_backward(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor,
+                      entropy: Optional[Tensor], grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                      ignore_index: int, vocab_start: int, vocab_size: int) -> Tensor:
     """The gradient of ``logits`` (same dtype), recomputed from the saved per-row logsumexp."""
     out = backend.empty_outputs(torch.empty_like(logits, memory_format=torch.contiguous_format), 1)[0]
-    backward_into(out, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    backward_into(out, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size)
     return out
 
 
 @logprobs_backward.register_fake
-def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start, vocab_size):
+def _(logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
+      vocab_size):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastrlhf::logprobs_backward_", mutates_args=("logits",))
-def logprobs_backward_(logits: Tensor, labels: Tensor, inv_temp: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                       grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, vocab_start: int,
-                       vocab_size: int) -> None:
+def logprobs_backward_(logits: Tensor, labels: Tensor, inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor,
+                       entropy: Optional[Tensor], grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                       ignore_index: int, vocab_start: int, vocab_size: int) -> None:
     """As ``logprobs_backward``, writing the gradient over ``logits``; declared as a mutation, so the
     logits' version counter moves and any later use of them in autograd raises."""
-    backward_into(logits, logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    backward_into(logits, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
                   vocab_start, vocab_size)
 
 
-def logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
-                vocab_size, inplace):
-    """The logits' gradient through the registered ops; ``grad_entropy=None`` skips the entropy term."""
+def logits_grad(logits, labels, inv_temp, threshold, logp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                vocab_start, vocab_size, inplace):
+    """The logits' gradient through the registered ops; ``grad_entropy=None`` skips the entropy term. Rows
+    whose label lies outside the kept set (``logp`` -inf under ``threshold``) get a zero gradient."""
     if grad_entropy is None:
         entropy = None
-    args = (labels, inv_temp, lse, entropy, grad_logp.contiguous(),
+    grad_logp, grad_entropy = (kept_upstream(g, logp, threshold) for g in (grad_logp, grad_entropy))
+    args = (labels, inv_temp, threshold, lse, entropy, grad_logp.contiguous(),
             None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, vocab_start, vocab_size)
     if inplace:
         torch.ops.fastrlhf.logprobs_backward_(logits, *args)
@@ -184,18 +203,18 @@ def logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, inv_temp, ignore_index, vocab_start, vocab_size, inplace = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, inv_temp, lse, entropy)
+    logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, inplace = inputs
+    logp, entropy, lse = output
+    ctx.save_for_backward(logits, labels, inv_temp, threshold, logp, lse, entropy)
     ctx.args = (ignore_index, vocab_start, vocab_size, inplace)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    logits, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
     ignore_index, vocab_start, vocab_size, inplace = ctx.args
-    grad = logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, vocab_start,
-                       vocab_size, inplace)
-    return grad, None, None, None, None, None, None
+    grad = logits_grad(logits, labels, inv_temp, threshold, logp, lse, entropy, grad_logp, grad_entropy,
+                       ignore_index, vocab_start, vocab_size, inplace)
+    return grad, None, None, None, None, None, None, None
 
 
 logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

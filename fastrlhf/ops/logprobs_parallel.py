@@ -31,9 +31,11 @@ from fastrlhf.ops.logprobs import _check_labels, forward_local, logits_grad
 
 
 def parallel_logprobs(flat_logits: Tensor, flat_labels: Tensor, inv_temp: Tensor, ignore_index: int, process_group,
-                      vocab_start_index: Optional[int], inplace_backward: bool) -> tuple[Tensor, Tensor]:
+                      vocab_start_index: Optional[int], inplace_backward: bool,
+                      threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``[N]`` log-probs and entropies (fp32; fp64 for fp64 logits) over the full vocabulary, from this
-    rank's ``[N, V_r]`` shard.
+    rank's ``[N, V_r]`` shard. ``threshold``: the kept set's per-row threshold (as in ``forward_local``),
+    the same on every rank.
 
     ``vocab_start_index`` defaults to ``rank * V_r``. Raises ValueError (on every rank) unless the
     ranks' shards tile ``[0, V)`` exactly and hold the same number of rows, or if a label lies outside
@@ -43,8 +45,8 @@ def parallel_logprobs(flat_logits: Tensor, flat_labels: Tensor, inv_temp: Tensor
         raise RuntimeError("logprobs(process_group=...) runs eagerly; call it outside torch.compile")
     vocab_start, vocab_size = _shard_layout(flat_logits, process_group, vocab_start_index)
     _check_labels(flat_labels, ignore_index, vocab_size)
-    return _ParallelLogprobs.apply(flat_logits, flat_labels, inv_temp, ignore_index, process_group, vocab_start,
-                                   vocab_size, inplace_backward)
+    return _ParallelLogprobs.apply(flat_logits, flat_labels, inv_temp, threshold, ignore_index, process_group,
+                                   vocab_start, vocab_size, inplace_backward)
 
 
 def _shard_layout(flat_logits: Tensor, group, vocab_start_index: Optional[int]) -> tuple[int, int]:
@@ -91,31 +93,34 @@ def _combine(lse_r: Tensor, entropy_r: Tensor, z_label: Tensor) -> tuple[Tensor,
 
 class _ParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, inv_temp, ignore_index, group, vocab_start, vocab_size, inplace):
+    def forward(ctx, logits, labels, inv_temp, threshold, ignore_index, group, vocab_start, vocab_size, inplace):
         width = logits.shape[1]
-        _, entropy_r, lse_r = forward_local(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size)
+        _, entropy_r, lse_r = forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start,
+                                            vocab_size)
         # The owner's label logit as the kernel reads it (converted to 1/T's dtype, times 1/T); 0 elsewhere.
         local = labels - vocab_start
         owned = (local >= 0) & (local < width)
         picked = logits.gather(1, local.clamp(0, width - 1)[:, None])[:, 0].to(inv_temp.dtype) * inv_temp
+        if threshold is not None:
+            picked = picked.masked_fill(picked < threshold, -torch.inf)
         z_label = torch.where(owned, picked, 0.0)
         stats = _all_gather_rows(torch.stack([lse_r, entropy_r, z_label], 1), group)
         logp, entropy, lse = _combine(*stats.unbind(2))
         ignored = labels == ignore_index
         logp, entropy = logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
-        ctx.save_for_backward(logits, labels, inv_temp, lse, entropy)
+        ctx.save_for_backward(logits, labels, inv_temp, threshold, logp, lse, entropy)
         ctx.args = (ignore_index, vocab_start, vocab_size, inplace)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, inv_temp, lse, entropy = ctx.saved_tensors
+        logits, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
         ignore_index, vocab_start, vocab_size, inplace = ctx.args
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
+            return (None,) * 9
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        grad = logits_grad(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
-                           vocab_start, vocab_size, inplace)
-        return grad, None, None, None, None, None, None, None
+        grad = logits_grad(logits, labels, inv_temp, threshold, logp, lse, entropy, grad_logp, grad_entropy,
+                           ignore_index, vocab_start, vocab_size, inplace)
+        return grad, None, None, None, None, None, None, None, None

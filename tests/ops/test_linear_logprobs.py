@@ -161,12 +161,12 @@ def test_opcheck(kernel_backend):
     hidden, weight, bias, labels = inputs(9, 6, 23, seed=12)
     h, w, b = hidden.float(), weight.float(), bias.float()
     inv_temp = torch.full((9,), 1.25)
-    fwd = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, inv_temp, IGNORE, 4, 5)
+    fwd = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, inv_temp, None, IGNORE, 4, 5)
     torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_forward, fwd)
     _, entropy, lse = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(), *fwd[3:])
     g = upstream_for(labels)
     for needs in ([True, True, True], [True, False, False]):
-        bwd = (h.detach(), w.detach(), b.detach(), labels, inv_temp, lse, entropy, g[0], g[1], IGNORE, 5, needs)
+        bwd = (h.detach(), w.detach(), b.detach(), labels, inv_temp, None, lse, entropy, g[0], g[1], IGNORE, 5, needs)
         torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_backward, bwd)
 
 
@@ -249,3 +249,38 @@ def test_device_mismatch_names_the_argument():
     hidden, weight, _, labels = inputs(6, 4, 9, seed=15)
     with pytest.raises(ValueError, match="weight: expected a tensor on cpu, got one on meta"):
         fastrlhf.linear_logprobs(hidden.float(), weight.float().to("meta"), labels)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_kept_set_threshold_matches_unfused(kernel_backend, chunk_size):
+    """A per-row kept-set threshold (fastrlhf.logprobs' kernels' hook for top-k / top-p / min-p) reaches every
+    vocab slice of the backward: the same outputs and gradients as the log-prob op on the full logits."""
+    hidden, weight, bias, labels = inputs(30, 16, 301, seed=14)
+    h, w, b = (t.float() for t in (hidden, weight, bias))
+    inv_temp = torch.full((30,), 1 / 0.7)
+    values = (F.linear(h, w, b) * inv_temp[:, None]).sort(1, descending=True).values
+    k = torch.randint(1, 300, (30,), generator=torch.Generator().manual_seed(15))
+    threshold = (values.gather(1, k[:, None] - 1) + values.gather(1, k[:, None]))[:, 0] / 2
+    threshold[0] = -float("inf")
+    up = upstream_for(labels)
+    chunk, width = chunking(chunk_size, 30, 301, 16)
+
+    def fused(h, w, b):
+        return torch.ops.fastrlhf.linear_logprobs_forward(h, w, b, labels, inv_temp, threshold, IGNORE, chunk,
+                                                          width)[:2]
+
+    def unfused(h, w, b):
+        return torch.ops.fastrlhf.logprobs_forward(F.linear(h, w, b), labels, inv_temp, threshold, IGNORE, 0, 301,
+                                                   False)[:2]
+
+    results = []
+    for fn in (fused, unfused):
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        logp, entropy = fn(*leaves)
+        grads = torch.autograd.grad((logp.masked_fill(logp == -float("inf"), 0) * up[0]).sum()
+                                    + (entropy * up[1]).sum(), leaves)
+        results.append([logp.detach(), entropy.detach(), *grads])
+    excluded = results[0][0] == -float("inf")
+    assert excluded.sum() > 3 and (~excluded & (labels != IGNORE)).sum() > 3
+    assert (results[0][2][excluded] == 0).all(), "rows whose label is outside the kept set get no gradient"
+    assert_close(*results)

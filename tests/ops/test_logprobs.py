@@ -237,13 +237,14 @@ def test_float64_matches_reference_to_float64_precision(kernel_backend):
 def test_opcheck(kernel_backend):
     logits, labels = inputs(4, 37, seed=17)
     inv_temp = torch.full((4,), 1.25)
-    fwd = (logits.requires_grad_(), labels, inv_temp, IGNORE, 0, 37, False)
-    torch.library.opcheck(torch.ops.fastrlhf.logprobs_forward, fwd)
-    logp, entropy, lse = torch.ops.fastrlhf.logprobs_forward(logits.detach(), labels, inv_temp, IGNORE, 0, 37, False)
     g = upstream_for(labels)
-    bwd = (logits.detach(), labels, inv_temp, lse, entropy, g[0], g[1], IGNORE, 0, 37)
-    torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward, bwd)
-    torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward_, (logits.detach().clone(), *bwd[1:]))
+    for threshold in (None, torch.full((4,), 0.5)):
+        fwd = (logits.requires_grad_(), labels, inv_temp, threshold, IGNORE, 0, 37, False)
+        torch.library.opcheck(torch.ops.fastrlhf.logprobs_forward, fwd)
+        logp, entropy, lse = torch.ops.fastrlhf.logprobs_forward(logits.detach(), *fwd[1:])
+        bwd = (logits.detach(), labels, inv_temp, threshold, lse, entropy, g[0], g[1], IGNORE, 0, 37)
+        torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward, bwd)
+        torch.library.opcheck(torch.ops.fastrlhf.logprobs_backward_, (logits.detach().clone(), *bwd[1:]))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -303,7 +304,7 @@ def test_cpp_kernel_rejects_out_of_range_labels_itself():
     logits, labels = inputs(3, 10, seed=20)
     labels[1] = 10
     with pytest.raises(RuntimeError, match="labels: expected values in"):
-        torch.ops.fastrlhf.logprobs_forward(logits, labels, torch.ones(3), IGNORE, 0, 10, False)
+        torch.ops.fastrlhf.logprobs_forward(logits, labels, torch.ones(3), None, IGNORE, 0, 10, False)
 
 
 def test_row_loop_reference_matches_log_softmax_reference():
@@ -314,3 +315,83 @@ def test_row_loop_reference_matches_log_softmax_reference():
         want = reference.logprobs(logits, labels, temperature=temperature, return_entropy=True)
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y)
+
+
+def kept_inputs(rows, V, seed):
+    """Logits, labels, ``[N]`` fp32 1/T and thresholds on ``z = x / T``: per row a threshold between two
+    distinct values of z (k tokens kept), none (-inf), one tied with every logit (all kept), one just above
+    the label (label outside the kept set) and one above the row's max (nothing kept); row 3 is ignored."""
+    logits, labels = inputs(rows, V, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inv_temp = (0.5 + torch.rand(rows, generator=g)).reciprocal()
+    inv_temp[2] = 1.0
+    z = logits.double() * inv_temp.double()[:, None]
+    threshold = torch.empty(rows, dtype=F64)
+    for row in range(rows):
+        values = z[row].sort(descending=True).values
+        gaps = values[:-1] - values[1:] > 1e-3
+        k = int(torch.randint(0, V, (), generator=g))
+        k = k + int(gaps[k:].nonzero()[0]) if V > 1 and gaps[k:].any() else V - 1
+        threshold[row] = (values[k] + values[k + 1]) / 2 if k + 1 < V else values[-1] - 1.0
+    threshold[0] = -math.inf
+    threshold[2] = logits[2, 0]                                # every logit equals it: all kept (ties are in)
+    if rows > 4:
+        above = z[4][z[4] > z[4, labels[4]]]
+        threshold[4] = (z[4, labels[4]] + above.min()) / 2 if above.numel() else math.inf
+    if rows > 5:
+        threshold[5] = z[5].max() + 1.0                        # nothing kept
+    return logits, labels, inv_temp, threshold.float()
+
+
+def kept_exact(logits, labels, inv_temp, threshold, upstream):
+    """float64 reference of the kept set: logits whose z is below the threshold masked with -inf; rows whose
+    label is masked get log-prob -inf and a zero gradient row."""
+    x = logits.double().requires_grad_()
+    z = x * inv_temp.double()[:, None]
+    z = z.masked_fill(z < threshold.double()[:, None], -math.inf)
+    logp, entropy = reference.logprobs(z, labels, return_entropy=True)
+    empty = (z == -math.inf).all(1)  # nothing kept: log-prob -inf, entropy 0
+    logp, entropy = logp.masked_fill(empty, -math.inf), entropy.masked_fill(empty, 0.0)
+    excluded = (logp == -math.inf)[:, None]
+    up = [u.double().masked_fill(excluded[:, 0], 0.0) for u in upstream]
+    grad = torch.autograd.grad((logp.masked_fill(excluded[:, 0], 0.0) * up[0]).sum() + (entropy * up[1]).sum(),
+                               x)[0]
+    return logp.detach(), entropy.detach(), grad
+
+
+def kept_fused(logits, labels, inv_temp, threshold, upstream, inplace=False):
+    x = logits.clone().requires_grad_()
+    y = x * 1.0 if inplace else x
+    logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(y, labels, inv_temp, threshold, IGNORE, 0,
+                                                            logits.shape[1], inplace)
+    grad = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), x)[0]
+    return logp.detach(), entropy.detach(), grad
+
+
+@pytest.mark.parametrize("V", [2, 37, 4097, 9000])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kept_set_threshold_matches_masked_reference(kernel_backend, V, inplace):
+    logits, labels, inv_temp, threshold = kept_inputs(7, V, seed=V)
+    up = upstream_for(labels)
+    got = kept_fused(logits, labels, inv_temp, threshold, up, inplace)
+    want = kept_exact(logits, labels, inv_temp, threshold, up)
+    assert_close_fp32(got, want)
+    if V > 2:
+        assert got[0][4] == got[0][5] == -math.inf, "labels outside the kept set"
+        assert (got[2][[4, 5]] == 0).all(), "their rows get no gradient"
+        assert got[1][5] == 0 and got[2][5].eq(0).all()
+    outside = logits.double() * inv_temp.double()[:, None] < threshold.double()[:, None]
+    assert outside.any() and (got[2][outside] == 0).all(), "exactly 0 outside the kept set"
+
+
+def test_kept_set_threshold_float64_gradcheck(kernel_backend):
+    logits, labels, inv_temp, threshold = kept_inputs(12, 9, seed=31)
+    logits, inv_temp, threshold = logits.double(), inv_temp.double(), threshold.double()
+    threshold[2] = -math.inf  # gradcheck moves the tied logits across a tied threshold
+    # Finite differences of a -inf log-prob are NaN: only rows whose label is kept.
+    rows = (logits * inv_temp[:, None]).gather(1, labels.clamp(min=0)[:, None])[:, 0] >= threshold
+    logits, labels, inv_temp, threshold = logits[rows], labels[rows], inv_temp[rows], threshold[rows]
+    assert len(labels) > 5 and (threshold > -math.inf).sum() > 3
+    torch.autograd.gradcheck(
+        lambda x: torch.ops.fastrlhf.logprobs_forward(x, labels, inv_temp, threshold, IGNORE, 0, 9, False)[:2],
+        (logits.clone().requires_grad_(),))
