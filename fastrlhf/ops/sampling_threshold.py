@@ -47,7 +47,7 @@ def sampling_threshold(logits: Tensor, *, temperature: float | Tensor = 1.0, top
     """
     if backend.forced_backend() == "reference":
         return reference.sampling_threshold(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    from fastrlhf.ops.logprobs import _canonical
+    from fastrlhf.ops.logprobs import _canonical  # logprobs imports this module
 
     rows = logits.shape[:-1] if isinstance(logits, Tensor) else ()
     flat, _, inv_temp = _canonical(logits, torch.empty(rows, dtype=torch.int64, device=logits.device), temperature)
