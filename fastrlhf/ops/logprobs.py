@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
+from fastrlhf.ops.sampling_threshold import row_filters
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.0, ignore_index: int = -100,
              return_entropy: bool = False, inplace_backward: bool = False, process_group=None,
-             vocab_start_index: Optional[int] = None):
+             vocab_start_index: Optional[int] = None, top_k=None, top_p=None, min_p=None, return_kept: bool = False):
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the entropy.
 
     Args:
@@ -40,7 +41,14 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
             still needs those logits.
         process_group: vocab-parallel: each rank holds ``logits[..., vocab_start_index:+V]`` of the full
             vocabulary; ``vocab_start_index`` defaults to ``rank * V``. One all-gather of three ``[...]``
-            fp32 statistics combines the shards.
+            fp32 statistics combines the shards. Not combined with the filters below (raises).
+        top_k, top_p, min_p: the sampler's filters (vLLM's processed log-probs; semantics, per-row tensors
+            and tie rules in ``fastrlhf.ops.sampling_threshold``): the log-probs and entropy are those of
+            the kept distribution, found per row by selection (``sampling_threshold``), never a sort. A
+            label outside the kept set gets log-prob ``-inf`` and a zero gradient row (both outputs);
+            gradients hold the kept set fixed.
+        return_kept: also return ``[...]`` bool: could the sampler have drawn the label (its log-prob is
+            above ``-inf``; True for ignored rows), after ``logp`` (and ``entropy``).
 
     Labels out of range raise ValueError where ``checks.values_checked``; otherwise (CUDA by default, and
     under torch.compile) the Triton kernel gives that row NaN log-prob, entropy and gradient, and the C++
@@ -56,8 +64,13 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
         if process_group is not None or inplace_backward:
             raise ValueError("the reference backend supports neither process_group nor inplace_backward")
         return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                  return_entropy=return_entropy)
+                                  return_entropy=return_entropy, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  return_kept=return_kept)
     flat_logits, flat_labels, inv_temp = _canonical(logits, labels, temperature)
+    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp)
+    if process_group is not None and filters is not None:
+        raise ValueError("top_k, top_p, min_p: not supported with process_group (the thresholds would need "
+                         "every shard); apply them on gathered logits or leave them None")
     if process_group is not None:
         from fastrlhf.ops.logprobs_parallel import parallel_logprobs
 
@@ -67,10 +80,20 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
     else:
         vocab = flat_logits.shape[-1]
         _check_labels(flat_labels, ignore_index, vocab)
-        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, None,
+        threshold = None if filters is None else torch.ops.fastrlhf.sampling_threshold(
+            flat_logits.detach(), inv_temp, *filters)
+        logp, entropy, _ = torch.ops.fastrlhf.logprobs_forward(flat_logits, flat_labels, inv_temp, threshold,
                                                                 ignore_index, 0, vocab, inplace_backward)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    return with_kept(logp.view(labels.shape), entropy.view(labels.shape), labels, ignore_index, return_entropy,
+                     return_kept)
+
+
+def with_kept(logp, entropy, labels, ignore_index, return_entropy, return_kept):
+    """The outputs as ``logprobs`` returns them; ``kept``: the label could be drawn (or is ignored)."""
+    outputs = (logp, entropy) if return_entropy else (logp,)
+    if return_kept:
+        outputs = (*outputs, (logp.detach() > -torch.inf) | (labels == ignore_index))
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 def _canonical(logits, labels, temperature):

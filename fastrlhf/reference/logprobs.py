@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _scaled(logits, temperature):
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(compute)
-    if isinstance(temperature, torch.Tensor):
-        return z / temperature.to(compute).expand(logits.shape[:-1])[..., None]
-    return z / temperature
+from fastrlhf.reference.sampling_threshold import kept_mask, scaled as _scaled
 
 
 def _finish(logp, entropy, ignored, return_entropy):
@@ -27,16 +21,34 @@ def _finish(logp, entropy, ignored, return_entropy):
     return logp, entropy.masked_fill(ignored, 0.0)
 
 
-def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, top_k=None, top_p=None,
+             min_p=None, return_kept=False):
+    """With ``top_k``/``top_p``/``min_p``: the distribution the sampler drew from (vLLM's processed
+    log-probs, ``reference.sampling_threshold.kept_mask``, a full sort per row); a label outside the kept
+    set gets log-prob ``-inf`` and no gradient through either output. ``return_kept`` appends whether the
+    label could be drawn (log-prob above ``-inf``; True for ignored rows)."""
     z = _scaled(logits, temperature)
     ignored = labels == ignore_index
+    index = labels.masked_fill(ignored, 0).long()[..., None]
+    filtered = not (top_k is None and top_p is None and min_p is None)
+    if filtered:
+        z = z.masked_fill(~kept_mask(z.detach(), top_k=top_k, top_p=top_p, min_p=min_p), -torch.inf)
     logp_all = z.log_softmax(-1)
-    logp = logp_all.gather(-1, labels.masked_fill(ignored, 0).long()[..., None])[..., 0]
+    logp = logp_all.gather(-1, index)[..., 0]
     # verl's entropy_from_logits; softmax * z is 0 * -inf = NaN at -inf logits, so those read as 0 (before
     # the product, so that its gradient is 0 there too, not 0 * -inf).
     p = z.softmax(-1)
     entropy = torch.logsumexp(z, -1) - (p * z.masked_fill(p == 0, 0.0)).sum(-1)
-    return _finish(logp, entropy, ignored, return_entropy)
+    drawable = logp.detach() > -torch.inf
+    if filtered:
+        # The sampler could not have drawn the label: no gradient from this row at all.
+        logp = torch.where(drawable, logp, logp.detach())
+        entropy = torch.where(drawable, entropy, entropy.detach())
+    outputs = _finish(logp, entropy, ignored, return_entropy)
+    if not return_kept:
+        return outputs
+    kept = drawable | ignored
+    return (*outputs, kept) if return_entropy else (outputs, kept)
 
 
 def selective_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
