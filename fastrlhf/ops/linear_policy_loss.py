@@ -90,6 +90,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             horizon=horizon, cu_seqlens=cu_seqlens)
     _check_parameters(hidden, weight, bias)
     flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
+    flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the GEMMs take [N, H]
     vocab = weight.shape[0]
     _check_labels(flat_labels, ignore_index, vocab)
     acc = _acc_dtype(hidden)
@@ -119,7 +120,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
         # The sequence ratio needs every token's log-prob before any token's gradient: one more pass.
         flat_logp = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden.detach(), weight.detach(), None if bias
                                                                is None else bias.detach(), flat_labels, inv_temp,
-                                                               ignore_index, chunk, width)[0]
+                                                               None, ignore_index, chunk, width)[0]
     per_sequence = tuple(advantages.shape) != tuple(labels.shape)
     plan = plan_policy_loss(flat_logp, flat_old, flat_mask, offsets, labels.shape[1] if cu_seqlens is None else 0,
                             options, per_sequence,
@@ -171,7 +172,8 @@ def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask,
     partials = []
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
         part_labels, part_inv_temp = labels[rows], inv_temp[rows]
-        logp[rows], entropy, lse = forward_local(logits, part_labels, part_inv_temp, ignore_index, 0, vocab)
+        logp[rows], entropy, lse = forward_local(logits, part_labels, part_inv_temp, None, ignore_index, 0,
+                                                             vocab)
         entropy = entropy if with_entropy else None
         grad_logp, grad_entropy, part = policy_loss_tokens(
             logp[rows], old_logp[rows], advantages if advantages_per_sequence else advantages[rows], mask[rows],
@@ -181,7 +183,7 @@ def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask,
         if not want_grads:
             continue
         # The buffer becomes G = d loss / d logits (logits' dtype), then three products with it.
-        backward_into(logits, logits, part_labels, part_inv_temp, lse, entropy, grad_logp, grad_entropy,
+        backward_into(logits, logits, part_labels, part_inv_temp, None, lse, entropy, grad_logp, grad_entropy,
                       ignore_index, 0, vocab)
         if need_hidden:
             torch.mm(logits, weight, out=grad_hidden[rows])

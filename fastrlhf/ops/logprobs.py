@@ -105,7 +105,6 @@ def _canonical(logits, labels, temperature):
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     checks.shape("labels", labels, logits.shape[:-1])
-    vocab = logits.shape[-1]
     flat = _rows_view(logits)
     rows = labels.numel()
     acc = _acc_dtype(logits)
