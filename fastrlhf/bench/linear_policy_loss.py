@@ -22,45 +22,52 @@ OPTIONS = dict(loss_type="ppo", clip_low=0.2, clip_high=0.2, kl_coef=0.05, kl_es
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, dtype=torch.float32, seed=0):
-    """One sequence of ``tokens`` tokens: hidden states, lm_head, sampled labels, and old/reference log-probs
-    near the current policy's (ratios around 1, a few clipped)."""
+    """Four sequences of ``tokens / 4`` tokens: hidden states, lm_head, sampled labels, one advantage per
+    sequence (as GRPO gives them), and old/reference log-probs near the current policy's (ratios around 1,
+    a few clipped)."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_()
+    shape = (4, tokens // 4)
+    h = torch.randn(*shape, hidden, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, generator=g) * (3.0 / hidden ** 0.5)).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    labels = torch.randint(0, vocab, shape, generator=g)
     with torch.no_grad():
         logp = fastrlhf.linear_logprobs(h, w, labels)
-    old_logp = logp + 0.1 * torch.randn(1, tokens, generator=g)
-    ref_logp = logp + 0.1 * torch.randn(1, tokens, generator=g)
-    advantages = torch.randn(1, tokens, generator=g)
+    old_logp = logp + 0.1 * torch.randn(shape, generator=g)
+    ref_logp = logp + 0.1 * torch.randn(shape, generator=g)
+    advantages = torch.randn(shape[0], generator=g)
     return h, w, labels, old_logp, advantages, ref_logp
 
 
-def fused(h, w, labels, old_logp, advantages, ref_logp, entropy_coef=OPTIONS["entropy_coef"]):
+def fused(entropy_coef):
     """(loss, grad hidden, grad weight) of fastrlhf.linear_policy_loss."""
-    loss, _ = fastrlhf.linear_policy_loss(h, w, labels, old_logp, advantages, ref_logp=ref_logp,
-                                          **{**OPTIONS, "entropy_coef": entropy_coef})
-    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    def run(h, w, labels, old_logp, advantages, ref_logp):
+        loss, _ = fastrlhf.linear_policy_loss(h, w, labels, old_logp, advantages, ref_logp=ref_logp,
+                                              **{**OPTIONS, "entropy_coef": entropy_coef})
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    return run
 
 
-def unfused(h, w, labels, old_logp, advantages, ref_logp, entropy_coef=OPTIONS["entropy_coef"]):
+def unfused(entropy_coef):
     """The whole logits tensor, ``log_softmax``, ``gather`` and the entropy, then the plain-torch loss."""
-    logp_all = F.linear(h, w).float().log_softmax(-1)
-    logp = torch.gather(logp_all, -1, labels[..., None])[..., 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    loss, _ = reference.policy_loss(logp, old_logp, advantages, ref_logp=ref_logp, entropy=entropy,
-                                    **{**OPTIONS, "entropy_coef": entropy_coef})
-    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    def run(h, w, labels, old_logp, advantages, ref_logp):
+        logp_all = F.linear(h, w).float().log_softmax(-1)
+        logp = torch.gather(logp_all, -1, labels[..., None])[..., 0]
+        entropy = -(logp_all.exp() * logp_all).sum(-1) if entropy_coef else None
+        loss, _ = reference.policy_loss(logp, old_logp, advantages, ref_logp=ref_logp, entropy=entropy,
+                                        **{**OPTIONS, "entropy_coef": entropy_coef})
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    return run
 
 
 def liger(h, w, labels, old_logp, advantages, ref_logp):
-    """Liger's chunked GRPO loss with the same clipping, token-mean aggregation and k3 KL (no entropy term)."""
+    """Liger's chunked GRPO loss (one sequence per chunk) with the same clipping, token-mean aggregation
+    (``dapo``) and k3 KL; it has no entropy term."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(beta=OPTIONS["kl_coef"], loss_type="dapo", epsilon_low=OPTIONS["clip_low"],
-                                       epsilon_high=OPTIONS["clip_high"], use_ref_model=True, temperature=1.0)
-    loss, *_ = loss_fn(h, w, labels, torch.ones_like(labels), advantages[:, 0], ref_per_token_logps=ref_logp,
-                       old_per_token_logps=old_logp)
+                                       epsilon_high=OPTIONS["clip_high"], use_ref_model=True)
+    loss, _ = loss_fn(h, w, labels, torch.ones_like(labels), advantages, ref_per_token_logps=ref_logp,
+                      old_per_token_logps=old_logp)
     return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
 
 
@@ -70,17 +77,20 @@ def _same(got, want):
 
 
 def cases(quick: bool) -> list[Case]:
-    shapes = [(512, 256, 8000)] if quick else [(4096, 1024, 32000)]
-    references = {"unfused log_softmax+loss": unfused}
-    if importlib.util.find_spec("liger_kernel") is not None:
-        references["Liger LigerFusedLinearGRPOLoss"] = liger
+    tokens, hidden, vocab = (512, 256, 8000) if quick else (4096, 1024, 32000)
+    # Floor: hidden and weight read, their gradients written, the per-token inputs read.
+    floor = 4 * 2 * (tokens + vocab) * hidden + tokens * 24
     out = []
-    for tokens, hidden, vocab in shapes:
-        # Floor: hidden and weight read, their gradients written, five [N] per-token inputs read.
-        floor = 4 * 2 * (tokens + vocab) * hidden + tokens * (8 + 4 * 4)
-        out.append(Case("linear_policy_loss fwd+bwd", f"N={tokens} H={hidden} V={vocab} fp32",
-                        lambda t=tokens, h=hidden, v=vocab: _inputs(t, h, v), fused, references, floor, _same,
-                        x=tokens))
+    # With the entropy bonus (the issue's case) against the unfused path; without it also against Liger,
+    # which has no entropy term.
+    for entropy_coef in (OPTIONS["entropy_coef"], 0.0):
+        references = {"unfused log_softmax+loss": unfused(entropy_coef)}
+        if entropy_coef == 0 and importlib.util.find_spec("liger_kernel") is not None:
+            references["Liger LigerFusedLinearGRPOLoss"] = liger
+        out.append(Case(f"linear_policy_loss fwd+bwd{' (no entropy)' if entropy_coef == 0 else ''}",
+                        f"N={tokens} H={hidden} V={vocab} fp32",
+                        lambda t=tokens, h=hidden, v=vocab: _inputs(t, h, v), fused(entropy_coef), references,
+                        floor, _same, x=tokens))
     return out
 
 
