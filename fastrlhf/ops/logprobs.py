@@ -132,16 +132,27 @@ def _canonical(logits, labels, temperature):
 
 def _rows_view(logits):
     """``[..., V]`` logits as ``[N, V]`` or ``[B, T, V]`` (the kernels take both strides of the latter), a
-    view whenever the strides allow; a copy only for a non-unit vocab stride or uncollapsible leading dims."""
+    view whenever the strides allow; a copy only for a non-unit vocab stride or uncollapsible leading dims.
+    Decided from the strides (no failing ``view`` to catch: fake tensors raise another error type)."""
     vocab = logits.shape[-1]
     if logits.stride(-1) == 1 or vocab == 1:
-        for shape in ((-1, vocab), (-1, *logits.shape[-2:]) if logits.dim() >= 3 else None):
-            if shape is not None:
-                try:
-                    return logits.view(shape)
-                except RuntimeError:
-                    pass
+        if _collapsible(logits, logits.dim() - 1):
+            return logits.view(-1, vocab)
+        if logits.dim() >= 3 and _collapsible(logits, logits.dim() - 2):
+            return logits.view(-1, *logits.shape[-2:])
     return logits.reshape(-1, vocab).contiguous()
+
+
+def _collapsible(t, dims):
+    """Whether the first ``dims`` dims of ``t`` merge into one by a view (size-1 dims do not matter)."""
+    expected = None
+    for size, stride in reversed(list(zip(t.shape[:dims], t.stride()[:dims]))):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return False
+        expected = stride * size
+    return True
 
 
 def _acc_dtype(logits):
