@@ -22,7 +22,7 @@ MAX_BLOCK_T = 1024
 # 8 positions per thread: five fp32 chains per position stay in registers without spilling.
 NUM_WARPS = 8
 # Offsets validated per step of the check every program makes of the whole offsets tensor.
-OFFSET_BLOCK = 1024
+OFFSET_BLOCK = tl.constexpr(1024)
 
 
 # A position's map is x -> a x + b, or, where the chain is cut (a dones boundary, or a step that replaces
