@@ -80,7 +80,7 @@ def _canonical(rewards, values, mask, gamma, lam, dones, bootstrap_value, cu_seq
         offsets = torch.arange(0, (rows + 1) * length, length, device=rewards.device)[: rows + 1]
     else:
         checks.ndim("rewards (packed, with cu_seqlens)", rewards, (1,))
-        offsets = _checked_offsets(cu_seqlens, rewards)
+        offsets = checks.offsets(cu_seqlens, rewards)
         rows = offsets.numel() - 1
     compute = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     flat_mask = _flag("mask", mask, rewards)
@@ -95,21 +95,6 @@ def _canonical(rewards, values, mask, gamma, lam, dones, bootstrap_value, cu_seq
             _coefficient("lam", lam, rows, compute, rewards.device),
             None if returns_lam is None else _coefficient("returns_lam", returns_lam, rows, compute, rewards.device),
             mask_mode == "zero")
-
-
-def _checked_offsets(cu_seqlens, rewards):
-    checks.dtype("cu_seqlens", cu_seqlens, checks.INTS)
-    checks.ndim("cu_seqlens", cu_seqlens, (1,))
-    checks.device("cu_seqlens", cu_seqlens, rewards.device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected at least 2 offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}")
-    if checks.values_checked(cu_seqlens):
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0 or last != rewards.numel():
-            raise ValueError(f"cu_seqlens: expected to run from 0 to N={rewards.numel()}, got {first} to {last}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens: expected non-decreasing offsets")
-    return cu_seqlens.to(torch.int64).contiguous()
 
 
 def _flag(name, value, like):
