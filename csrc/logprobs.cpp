@@ -18,31 +18,17 @@
 //
 // fp32, bf16 and fp16 logits are computed in fp32 (outputs, 1/T and upstream gradients fp32); fp64
 // logits in fp64 throughout, for float64 gradient checks.
-//
-// at::vec::Vectorized is compiled for AVX2 here (the ATen kernels' own CPU_CAPABILITY scheme, in its
-// own inline namespace, so no other translation unit sees a different Vectorized) when the build
-// targets AVX2 + FMA; elsewhere it falls back to ATen's portable implementation.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "logits.h"  // first: it picks the vector ISA
 
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#include "checks.h"
 
 namespace fastrlhf {
 namespace {
 
-// The accumulation type: fp64 for fp64 logits, else fp32.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
@@ -232,11 +218,6 @@ acc_t* per_row(const at::Tensor& t, const Rows& r, const char* name) {
   TORCH_CHECK(t.numel() == r.n, name, ": expected ", r.n, " elements, got ", t.numel());
   return t.data_ptr<acc_t>();
 }
-
-#define DISPATCH_LOGITS(TYPE, NAME, ...)                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
-                         AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)         \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 

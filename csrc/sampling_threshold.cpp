@@ -19,13 +19,7 @@
 //
 // fp32, bf16 and fp16 logits are decided in fp32 (z = x * inv_temp rounded to fp32, as the log-prob
 // kernels compute it), fp64 logits in fp64.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "logits.h"  // first: it picks the vector ISA
 
 #include <cmath>
 #include <cstdint>
@@ -34,13 +28,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
 
 namespace fastrlhf {
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Order-preserving unsigned keys: a < b as floats (NaN excluded, -0 == +0) iff key(a) < key(b).
 template <typename acc_t>
@@ -258,11 +249,6 @@ acc_t row_threshold(const scalar_t* x, int64_t V, acc_t inv_t, int64_t top_k, ac
   }
   return threshold;
 }
-
-#define DISPATCH_LOGITS(TYPE, NAME, ...)                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
-                         AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)         \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 void sampling_threshold(const at::Tensor& logits, const at::Tensor& inv_temp, const at::Tensor& top_k,
                         const at::Tensor& top_p, const at::Tensor& min_p, at::Tensor& threshold) {
