@@ -1,17 +1,8 @@
-// What the kernels over rows of logits share (logprobs.cpp, sampling_threshold.cpp): ATen's vectorised
-// types, the accumulation type and the dtype dispatch.
-//
-// at::vec::Vectorized is compiled for AVX2 here (the ATen kernels' own CPU_CAPABILITY scheme, in its own
-// inline namespace, so no other translation unit sees a different Vectorized) when the build targets
-// AVX2 + FMA; elsewhere it falls back to ATen's portable implementation. Include this header first.
+// What the kernels over rows of logits share (logprobs.cpp, sampling_threshold.cpp): the accumulation type
+// and the dtype dispatch.
+// Include this header first (it includes vec.h, which picks the vector ISA).
 #pragma once
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "vec.h"
 
 #include <type_traits>
 

@@ -29,9 +29,6 @@
 namespace fastrlhf {
 namespace {
 
-
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
 // Elements per loop step: two accumulation vectors (one 16-bit vector for bf16/fp16).
 template <typename acc_t>
 constexpr int64_t STEP = 2 * Vec<acc_t>::size();

@@ -8,13 +8,15 @@
 // of tokens that writes each token's gradient d loss / d logp and d loss / d entropy (optional) and
 // per-block partial sums of the loss terms and metrics. policy_loss_finish combines the partial sums in
 // a fixed order. Blocks have a fixed size, so results do not depend on the number of threads.
+#include "vec.h"  // first: it picks the vector ISA
+
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 
@@ -43,86 +45,124 @@ struct Options {
   T kl_coef, entropy_coef;
 };
 
-template <typename T>
-inline T clamp(T x, T lo, T hi) {
-  return std::min(std::max(x, lo), hi);
+// The token pass works on vectors of Vec<T>::size() consecutive tokens of one sequence. Comparisons give
+// lane masks (all bits set where true); `v & one` turns a mask into 1 or 0, `blendv` selects. Selecting
+// (never multiplying by a 0/1 mask) keeps NaN at masked tokens out of every result.
+
+// Lanes [0, count) from p as T, zeros beyond.
+template <typename T, typename scalar_t>
+inline Vec<T> load(const scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return Vec<T>::loadu(p, count);
+  } else {
+    __at_align__ T lanes[Vec<T>::size()] = {};
+    for (int64_t k = 0; k < count; ++k) lanes[k] = static_cast<T>(p[k]);
+    return Vec<T>::loadu(lanes);
+  }
 }
 
-// Indicator of lo <= x <= hi: the gradient of torch.clamp (1 at the bounds, 0 outside and for NaN).
+template <typename T, typename scalar_t>
+inline void store(scalar_t* p, const Vec<T>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    v.store(p, count);
+  } else {
+    __at_align__ T lanes[Vec<T>::size()];
+    v.store(lanes);
+    for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(lanes[k]);
+  }
+}
+
+// The lane mask of the tokens to use: lanes [0, count) where mask (if any) is set.
 template <typename T>
-inline T inside(T x, T lo, T hi) {
-  return (x >= lo && x <= hi) ? T(1) : T(0);
+inline Vec<T> load_keep(const bool* mask, int64_t count) {
+  __at_align__ T lanes[Vec<T>::size()] = {};
+  for (int64_t k = 0; k < count; ++k) lanes[k] = !mask || mask[k] ? T(1) : T(0);
+  return Vec<T>::loadu(lanes) != Vec<T>(0);
+}
+
+// 1 where lo <= x <= hi, else 0 (also for NaN): the gradient of torch.clamp.
+template <typename T>
+inline Vec<T> inside(const Vec<T>& x, T lo, T hi) {
+  return (x >= Vec<T>(lo)) & (x <= Vec<T>(hi)) & Vec<T>(1);
+}
+
+template <typename T>
+inline Vec<T> clamp_to(const Vec<T>& x, T lo, T hi) {
+  return at::vec::clamp(x, Vec<T>(lo), Vec<T>(hi));
 }
 
 template <typename T>
 struct PolicyTerms {
-  T loss, slope, ratio;  // the token's policy loss, d loss / d logp, the ratio it clips
-  bool clipped, low, high, dual;
+  Vec<T> loss, slope, ratio;           // the tokens' policy loss, d loss / d logp, the ratio it clips
+  Vec<T> clipped, low, high, dual;     // lane masks
 };
 
-// One token's policy loss (before the rollout IS weight and the aggregation weight).
+// The policy loss of a vector of tokens (before the rollout IS weight and the aggregation weight).
 template <int64_t LOSS, typename T>
-inline PolicyTerms<T> policy_terms(T lp, T old, T adv, T seq_log_ratio, const Options<T>& o) {
-  const T d = lp - old;
-  T log_ratio = clamp(d, T(-20), T(20)), dlog = inside(d, T(-20), T(20));
+inline PolicyTerms<T> policy_terms(const Vec<T>& lp, const Vec<T>& old, const Vec<T>& adv, T seq_log_ratio,
+                                   const Options<T>& o) {
+  const Vec<T> zero(0), one(1), neg_adv = adv.neg();
+  const Vec<T> d = lp - old;
+  Vec<T> log_ratio = clamp_to(d, T(-20), T(20)), dlog = inside(d, T(-20), T(20));
   if (LOSS == GSPO) {  // log s_t = sg(log s) + logp - sg(logp), clamped above at 10
-    log_ratio = std::min(seq_log_ratio, T(10));
-    dlog = seq_log_ratio <= T(10) ? T(1) : T(0);
+    log_ratio = Vec<T>(std::min(seq_log_ratio, T(10)));
+    dlog = Vec<T>(seq_log_ratio <= T(10) ? T(1) : T(0));
   }
-  const T r = std::exp(log_ratio), dr = r * dlog;
-  PolicyTerms<T> t{T(0), T(0), r, false, false, false, false};
+  const Vec<T> r = log_ratio.exp(), dr = r * dlog;
+  PolicyTerms<T> t{zero, zero, r, zero, zero, zero, zero};
   if (LOSS == REINFORCE) {
-    t.loss = -adv * lp;
-    t.slope = -adv;
+    t.loss = neg_adv * lp;
+    t.slope = neg_adv;
     return t;
   }
   if (LOSS == SAPO) {
-    const T tau = adv > T(0) ? o.tau_pos : o.tau_neg;
-    const T gate = T(1) / (T(1) + std::exp(-tau * (r - T(1))));
-    t.loss = -adv * gate * (T(4) / tau);
-    t.slope = -adv * T(4) * gate * (T(1) - gate) * dr;
+    const Vec<T> tau = Vec<T>::blendv(Vec<T>(o.tau_neg), Vec<T>(o.tau_pos), adv > zero);
+    const Vec<T> gate = one / (one + (tau.neg() * (r - one)).exp());
+    t.loss = neg_adv * gate * (Vec<T>(4) / tau);
+    t.slope = neg_adv * Vec<T>(4) * gate * (one - gate) * dr;
     return t;
   }
-  const T rc = clamp(r, o.lower, o.upper);
-  t.low = r < o.lower && adv < T(0);
-  t.high = r > o.upper && adv > T(0);
+  const Vec<T> rc = clamp_to(r, o.lower, o.upper);
+  const Vec<T> below = r < Vec<T>(o.lower), above = r > Vec<T>(o.upper);
+  t.low = below & (adv < zero);
+  t.high = above & (adv > zero);
   if (LOSS == CISPO) {
-    t.loss = -rc * adv * lp;
-    t.slope = -rc * adv;
-    t.clipped = r < o.lower || r > o.upper;
+    t.loss = rc.neg() * adv * lp;
+    t.slope = rc.neg() * adv;
+    t.clipped = below | above;
     return t;
   }
-  const T p1 = -adv * r, p2 = -adv * rc;
+  const Vec<T> p1 = neg_adv * r, p2 = neg_adv * rc;
   t.clipped = p2 > p1;
-  t.loss = t.clipped ? p2 : p1;
-  t.slope = t.clipped ? -adv * dr * inside(r, o.lower, o.upper) : -adv * dr;
-  if (LOSS == PPO && o.dual_clip > T(0) && adv < T(0)) {
-    const T p3 = -adv * o.dual_clip;
-    t.dual = t.loss > p3;
-    t.loss = t.dual ? p3 : t.loss;
-    t.slope = t.dual ? T(0) : t.slope;
+  t.loss = Vec<T>::blendv(p1, p2, t.clipped);
+  t.slope = Vec<T>::blendv(neg_adv * dr, neg_adv * dr * inside(r, o.lower, o.upper), t.clipped);
+  if (LOSS == PPO && o.dual_clip > T(0)) {
+    const Vec<T> p3 = neg_adv * Vec<T>(o.dual_clip);
+    t.dual = (adv < zero) & (t.loss > p3);
+    t.loss = Vec<T>::blendv(t.loss, p3, t.dual);
+    t.slope = Vec<T>::blendv(t.slope, zero, t.dual);
   }
   return t;
 }
 
 // The KL estimator of logp against ref_logp (verl's kl_penalty) and the gradient it back-propagates.
 template <typename T>
-inline void kl_terms(T lp, T ref, const Options<T>& o, T& value, T& slope) {
-  const T x = lp - ref;
+inline void kl_terms(const Vec<T>& lp, const Vec<T>& ref, const Options<T>& o, Vec<T>& value, Vec<T>& slope) {
+  const Vec<T> x = lp - ref, zero(0), one(1);
   switch (o.kl_estimator) {
     case K1:
-      value = x, slope = T(1);
+      value = x, slope = one;
       break;
     case ABS:
-      value = std::abs(x), slope = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+      value = x.abs(), slope = ((x > zero) & one) - ((x < zero) & one);
       break;
     case K2:
-      value = x * x / T(2), slope = x;
+      value = x * x * Vec<T>(0.5), slope = x;
       break;
     default: {  // K3
-      const T k = clamp(-x, T(-20), T(20)), e = std::exp(k), raw = e - k - T(1);
-      value = clamp(raw, T(-10), T(10));
-      slope = (T(1) - e) * inside(-x, T(-20), T(20)) * inside(raw, T(-10), T(10));
+      const Vec<T> k = clamp_to(x.neg(), T(-20), T(20)), e = k.exp(), raw = e - k - one;
+      value = clamp_to(raw, T(-10), T(10));
+      slope = (one - e) * inside(x.neg(), T(-20), T(20)) * inside(raw, T(-10), T(10));
     }
   }
   if (o.kl_straight) slope = x;
@@ -141,12 +181,16 @@ struct Tokens {
 };
 
 // Tokens [0, n) of the slice are global tokens [first, first + n) of sequences cut by offsets [S + 1].
+// Each block of BLOCK_TOKENS tokens sums into its own lanes, then its row of partials in lane order: the
+// results depend on neither the number of threads nor the vector width's scheduling.
 template <int64_t LOSS, typename scalar_t>
 void token_pass(const Tokens& p, int64_t n, int64_t first, const int64_t* offsets, int64_t rows, bool adv_per_seq,
                 const at::opmath_type<scalar_t>* seq_weights, const at::opmath_type<scalar_t>* seq_log_ratio,
                 at::opmath_type<scalar_t> grad_scale, const Options<at::opmath_type<scalar_t>>& o,
                 at::opmath_type<scalar_t>* partials) {
   using T = at::opmath_type<scalar_t>;
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
   const auto* lp = static_cast<const scalar_t*>(p.logp);
   const auto* old = static_cast<const scalar_t*>(p.old_logp);
   const auto* adv = static_cast<const scalar_t*>(p.advantages);
@@ -159,54 +203,67 @@ void token_pass(const Tokens& p, int64_t n, int64_t first, const int64_t* offset
   const int64_t blocks = (n + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
   const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, blocks, 1, [&](int64_t block_first, int64_t block_last) {
+    const V zero(0), one(1), scale(grad_scale);
     for (int64_t block = block_first; block < block_last; ++block) {
       const int64_t begin = block * BLOCK_TOKENS, end = std::min(n, begin + BLOCK_TOKENS);
-      T sums[NUM_PARTIALS] = {};
-      sums[RATIO_MIN] = inf;
-      sums[RATIO_MAX] = -inf;
+      V sums[NUM_PARTIALS];
+      for (auto& v : sums) v = zero;
+      sums[RATIO_MIN] = V(inf);
+      sums[RATIO_MAX] = V(-inf);
       // The sequence of the block's first token, then each sequence's run of tokens in turn.
       int64_t s = std::upper_bound(offsets, offsets + rows + 1, first + begin) - offsets - 1;
       for (int64_t i = begin; i < end; ++s) {
         const int64_t run_end = std::min(end, offsets[s + 1] - first);
-        const T wp = seq_weights[s], wk = seq_weights[rows + s], we = seq_weights[2 * rows + s];
+        const V wp(seq_weights[s]), wk(seq_weights[rows + s]), we(seq_weights[2 * rows + s]);
         const T lrs = seq_log_ratio ? seq_log_ratio[s] : T(0);
-        const T seq_adv = adv_per_seq ? static_cast<T>(adv[s]) : T(0);
-        const T grad_ent_value = -grad_scale * o.entropy_coef * we;
-        for (; i < run_end; ++i) {
-          const bool keep = !mask || mask[i];
-          if (grad_ent) grad_ent[i] = static_cast<scalar_t>(keep ? grad_ent_value : T(0));
-          if (!keep) {  // never read: NaN or inf at a masked token changes nothing
-            if (grad_lp) grad_lp[i] = scalar_t(0);
-            continue;
-          }
-          const T x = static_cast<T>(lp[i]), a = adv_per_seq ? seq_adv : static_cast<T>(adv[i]);
-          const PolicyTerms<T> t = policy_terms<LOSS, T>(x, static_cast<T>(old[i]), a, lrs, o);
-          const T w = isw ? static_cast<T>(isw[i]) : T(1);
-          T grad = wp * w * t.slope;
-          sums[POLICY] += wp * w * t.loss;
+        const V seq_adv(adv_per_seq ? static_cast<T>(adv[s]) : T(0));
+        const V grad_ent_value(-grad_scale * o.entropy_coef * seq_weights[2 * rows + s]);
+        for (int64_t c; i < run_end; i += c) {
+          c = std::min(L, run_end - i);
+          const V keep = load_keep<T>(mask ? mask + i : nullptr, c);
+          const auto kept = [&](const V& v) { return V::blendv(zero, v, keep); };
+          if (grad_ent) store<T>(grad_ent + i, kept(grad_ent_value), c);
+          const V x = load<T>(lp + i, c), x_old = load<T>(old + i, c);
+          const V a = adv_per_seq ? seq_adv : load<T>(adv + i, c);
+          const PolicyTerms<T> t = policy_terms<LOSS, T>(x, x_old, a, lrs, o);
+          const V w = isw ? load<T>(isw + i, c) : one;
+          V grad = wp * w * t.slope;
+          sums[POLICY] += kept(wp * w * t.loss);
           if (ref) {
-            T value, slope;
-            kl_terms<T>(x, static_cast<T>(ref[i]), o, value, slope);
-            sums[KL] += wk * value;
-            grad += o.kl_coef * wk * slope;
+            V value, slope;
+            kl_terms<T>(x, load<T>(ref + i, c), o, value, slope);
+            sums[KL] += kept(wk * value);
+            grad = at::vec::fmadd(V(o.kl_coef) * wk, slope, grad);
           }
-          if (ent) sums[ENTROPY] += we * static_cast<T>(ent[i]);
-          if (grad_lp) grad_lp[i] = static_cast<scalar_t>(grad_scale * grad);
-          const T log_ratio = clamp(x - static_cast<T>(old[i]), T(-20), T(20));
-          const T approx = clamp(std::exp(-log_ratio) + log_ratio - T(1), T(-10), T(10));
-          sums[TOKENS] += T(1);
-          sums[CLIPFRAC] += t.clipped;
-          sums[CLIPFRAC_LOW] += t.low;
-          sums[CLIPFRAC_HIGH] += t.high;
-          sums[DUAL_CLIPFRAC] += t.dual;
-          sums[PPO_KL] -= log_ratio;
-          sums[APPROX_KL] += approx;
-          sums[RATIO_SUM] += t.ratio;
-          sums[RATIO_MIN] = t.ratio < sums[RATIO_MIN] ? t.ratio : sums[RATIO_MIN];
-          sums[RATIO_MAX] = t.ratio > sums[RATIO_MAX] ? t.ratio : sums[RATIO_MAX];
+          if (ent) sums[ENTROPY] += kept(we * load<T>(ent + i, c));
+          if (grad_lp) store<T>(grad_lp + i, kept(scale * grad), c);
+          const V log_ratio = clamp_to(x - x_old, T(-20), T(20));
+          const V approx = clamp_to(log_ratio.neg().exp() + log_ratio - one, T(-10), T(10));
+          sums[TOKENS] += keep & one;
+          sums[CLIPFRAC] += keep & t.clipped & one;
+          sums[CLIPFRAC_LOW] += keep & t.low & one;
+          sums[CLIPFRAC_HIGH] += keep & t.high & one;
+          sums[DUAL_CLIPFRAC] += keep & t.dual & one;
+          sums[PPO_KL] -= kept(log_ratio);
+          sums[APPROX_KL] += kept(approx);
+          sums[RATIO_SUM] += kept(t.ratio);
+          // Selected where smaller (larger): a NaN ratio is skipped, as the metrics promise.
+          sums[RATIO_MIN] = V::blendv(sums[RATIO_MIN], t.ratio, keep & (t.ratio < sums[RATIO_MIN]));
+          sums[RATIO_MAX] = V::blendv(sums[RATIO_MAX], t.ratio, keep & (t.ratio > sums[RATIO_MAX]));
         }
       }
-      std::copy(sums, sums + NUM_PARTIALS, partials + block * NUM_PARTIALS);
+      T* out = partials + block * NUM_PARTIALS;
+      for (int j = 0; j < NUM_PARTIALS; ++j) {
+        __at_align__ T lanes[L];
+        sums[j].store(lanes);
+        T total = j == RATIO_MIN ? inf : j == RATIO_MAX ? -inf : T(0);
+        for (int64_t k = 0; k < L; ++k) {
+          if (j == RATIO_MIN) total = lanes[k] < total ? lanes[k] : total;
+          else if (j == RATIO_MAX) total = lanes[k] > total ? lanes[k] : total;
+          else total += lanes[k];
+        }
+        out[j] = total;
+      }
     }
   });
 }
@@ -305,7 +362,7 @@ void sequence_pass(const scalar_t* lp, const scalar_t* old, const bool* keep, co
         const bool k = !keep || keep[i];
         count += k;
         // Selected, not multiplied: NaN at a masked token stays out.
-        if (lp) sum += k ? clamp(static_cast<acc_t>(lp[i]) - static_cast<acc_t>(old[i]), acc_t(-20), acc_t(20)) : acc_t(0);
+        if (lp) sum += k ? std::clamp(static_cast<acc_t>(lp[i]) - static_cast<acc_t>(old[i]), acc_t(-20), acc_t(20)) : acc_t(0);
       }
       counts[s] = count;
       if (seq_log_ratio) seq_log_ratio[s] = sum / std::max(count, acc_t(1));

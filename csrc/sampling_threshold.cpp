@@ -86,10 +86,10 @@ constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
 template <typename scalar_t, typename acc_t>
 inline void load_tile(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* z) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    at::vec::map([inv_t](at::vec::Vectorized<acc_t> v) { return v * at::vec::Vectorized<acc_t>(inv_t); }, z, x, n);
+    at::vec::map([inv_t](Vec<acc_t> v) { return v * Vec<acc_t>(inv_t); }, z, x, n);
   } else {
     at::vec::convert(x, z, n);
-    at::vec::map([inv_t](at::vec::Vectorized<acc_t> v) { return v * at::vec::Vectorized<acc_t>(inv_t); }, z, z, n);
+    at::vec::map([inv_t](Vec<acc_t> v) { return v * Vec<acc_t>(inv_t); }, z, z, n);
   }
 }
 
