@@ -268,7 +268,7 @@ void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const 
 
 // d z_j = g_logp (onehot_j - p_j) - g_ent p_j (log p_j + H), then times 1/T for the logits; p_j = 0 outside
 // the kept set. A label outside the kept set still gets its g_logp / T: its caller zeroes that row's upstream
-// gradients (fastrlhf.ops.logprobs.logits_grad), which a vocab shard without the label could not see.
+// gradients (fastrlhf.ops.logprobs_local.logits_grad), which a vocab shard without the label could not see.
 template <typename scalar_t, bool HAS_ENTROPY, bool HAS_THRESHOLD, typename acc_t = acc_type<scalar_t>>
 void backward_rows(const scalar_t* x, scalar_t* out, const Layout& out_layout, const Rows& r, const acc_t* inv_temp,
                    const acc_t* threshold, const acc_t* lse, const acc_t* entropy, const acc_t* g_logp,

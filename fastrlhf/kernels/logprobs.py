@@ -11,7 +11,7 @@ so the gradient may overwrite the logits (in-place backward).
 
 ``HAS_THRESHOLD``: a per-row threshold (accumulation dtype) restricts the row to a kept set: a logit whose
 ``z`` is below it counts as ``-inf`` (outside the sums, zero gradient), and so does the label's (log-prob
-``-inf``; the caller zeroes that row's upstream gradients, see ``fastrlhf.ops.logprobs.logits_grad``). Offsets are int64: rows * V passes 2^31
+``-inf``; the caller zeroes that row's upstream gradients, see ``fastrlhf.ops.logprobs_local.logits_grad``). Offsets are int64: rows * V passes 2^31
 for 16k tokens x 152k vocab. ``z - m`` is clamped to a finite floor so ``-inf`` logits give
 ``exp(d) d = 0``, never NaN.
 """

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.logprobs import (LOGIT_DTYPES, _acc_dtype, _canonical, _check_labels, backward_into, forward_local,
+from fastrlhf.ops.logprobs_local import (LOGIT_DTYPES, acc_dtype, canonical, check_labels, backward_into, forward_local,
                                    kept_upstream)
 
 # chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
@@ -59,10 +59,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
                                          ignore_index=ignore_index, return_entropy=return_entropy)
     _check_parameters(hidden, weight, bias)
     # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
-    flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
+    flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
     flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the matmuls take [N, H]
     vocab = weight.shape[0]
-    _check_labels(flat_labels, ignore_index, vocab)
+    check_labels(flat_labels, ignore_index, vocab)
     chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])
     logp, entropy, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
                                                                    None, ignore_index, chunk, width)
@@ -128,8 +128,8 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             slice_width: int) -> tuple[Tensor, Tensor, Tensor]:
     """``[N]`` fp32 log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
     ``chunk_size`` tokens at a time; ``slice_width`` is the backward's. ``threshold``: the per-row kept-set
-    threshold of ``fastrlhf.ops.logprobs.forward_local`` (saved for the backward), or None."""
-    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
+    threshold of ``fastrlhf.ops.logprobs_local.forward_local`` (saved for the backward), or None."""
+    like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     vocab = weight.shape[0]
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
@@ -141,7 +141,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
 
 @linear_logprobs_forward.register_fake
 def _(hidden, weight, bias, labels, inv_temp, threshold, ignore_index, chunk_size, slice_width):
-    like = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden))
+    like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     return like, torch.empty_like(like), torch.empty_like(like)
 
 
@@ -166,7 +166,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     vocab = weight.shape[0]
     # Low precision accumulates grad_hidden in fp32 over the slices (fp32 operands too: the CPU has no
     # mixed-precision GEMM); fp32 and fp64 accumulate in place.
-    acc = _acc_dtype(hidden)
+    acc = acc_dtype(hidden)
     grad_hidden = torch.zeros(hidden.shape if need_hidden else 0, dtype=acc, device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = weight.new_empty(vocab if need_bias else 0)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastrlhf import backend, checks, reference
 from fastrlhf.ops.linear_logprobs import _check_parameters, _chunk_logits, chunking
-from fastrlhf.ops.logprobs import _acc_dtype, _canonical, _check_labels, backward_into, forward_local
+from fastrlhf.ops.logprobs_local import acc_dtype, canonical, check_labels, backward_into, forward_local
 from fastrlhf.ops.policy_loss import (METRICS, Options, Plan, finish_policy_loss, make_options, plan_policy_loss,
                                       policy_loss_tokens)
 from fastrlhf.ops.policy_loss import _canonical as _canonical_tokens
@@ -89,11 +89,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             entropy_aggregation=entropy_aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
             horizon=horizon, cu_seqlens=cu_seqlens)
     _check_parameters(hidden, weight, bias)
-    flat_hidden, flat_labels, inv_temp = _canonical(hidden, labels, temperature)
+    flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
     flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the GEMMs take [N, H]
     vocab = weight.shape[0]
-    _check_labels(flat_labels, ignore_index, vocab)
-    acc = _acc_dtype(hidden)
+    check_labels(flat_labels, ignore_index, vocab)
+    acc = acc_dtype(hidden)
     scored = labels != ignore_index
     if mask is not None:
         checks.tensor("mask", mask)
@@ -161,7 +161,7 @@ def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask,
              needs_grad):
     need_hidden, need_weight, need_bias = needs_grad
     want_grads = any(needs_grad)
-    acc = _acc_dtype(hidden)
+    acc = acc_dtype(hidden)
     tokens, vocab = hidden.shape[0], weight.shape[0]
     plan = Plan(offsets, row_length, seq_weights, seq_log_ratio, advantages_per_sequence, options)
     logp = backend.empty_outputs(hidden.new_empty(tokens, dtype=acc), 1)[0]
@@ -217,7 +217,7 @@ def linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
 @linear_policy_loss_forward.register_fake
 def _(hidden, weight, bias, labels, inv_temp, *rest):
     need_hidden, need_weight, need_bias = rest[-1]
-    acc = _acc_dtype(hidden)
+    acc = acc_dtype(hidden)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(len(METRICS), dtype=torch.float32),
             hidden.new_empty(hidden.shape[0], dtype=acc), torch.empty_like(hidden) if need_hidden
             else hidden.new_empty(0), torch.empty_like(weight) if need_weight else weight.new_empty(0),

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastrlhf.ops.logprobs import _check_labels, forward_local, logits_grad
+from fastrlhf.ops.logprobs_local import check_labels, forward_local, logits_grad
 
 
 def parallel_logprobs(flat_logits: Tensor, flat_labels: Tensor, inv_temp: Tensor, ignore_index: int, process_group,
@@ -44,7 +44,7 @@ def parallel_logprobs(flat_logits: Tensor, flat_labels: Tensor, inv_temp: Tensor
     if torch.compiler.is_compiling():
         raise RuntimeError("logprobs(process_group=...) runs eagerly; call it outside torch.compile")
     vocab_start, vocab_size = _shard_layout(flat_logits, process_group, vocab_start_index)
-    _check_labels(flat_labels, ignore_index, vocab_size)
+    check_labels(flat_labels, ignore_index, vocab_size)
     return _ParallelLogprobs.apply(flat_logits, flat_labels, inv_temp, threshold, ignore_index, process_group,
                                    vocab_start, vocab_size, inplace_backward)
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
+from fastrlhf.ops.logprobs_local import canonical
 
 Param = Optional[float | int | Tensor]
 
@@ -47,10 +48,8 @@ def sampling_threshold(logits: Tensor, *, temperature: float | Tensor = 1.0, top
     """
     if backend.forced_backend() == "reference":
         return reference.sampling_threshold(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    from fastrlhf.ops.logprobs import _canonical  # logprobs imports this module
-
     rows = logits.shape[:-1] if isinstance(logits, Tensor) else ()
-    flat, _, inv_temp = _canonical(logits, torch.empty(rows, dtype=torch.int64, device=logits.device), temperature)
+    flat, _, inv_temp = canonical(logits, torch.empty(rows, dtype=torch.int64, device=logits.device), temperature)
     filters = row_filters(top_k, top_p, min_p, rows, inv_temp)
     if filters is None:
         return torch.full(rows, -torch.inf, dtype=inv_temp.dtype, device=logits.device)

@@ -452,8 +452,8 @@ def test_sliced_logits_are_not_copied(kernel_backend, inplace):
     base = full.clone().requires_grad_()
     x = base * 1.0
     sliced = x[:, :-1, :]
-    from fastrlhf.ops.logprobs import _rows_view
-    assert _rows_view(sliced).data_ptr() == sliced.data_ptr()
+    from fastrlhf.ops.logprobs_local import rows_view
+    assert rows_view(sliced).data_ptr() == sliced.data_ptr()
     logp, entropy = fastrlhf.logprobs(sliced, labels, return_entropy=True, inplace_backward=inplace)
     up = upstream_for(labels)
     (grad,) = torch.autograd.grad((logp * up[0]).sum() + (entropy * up[1]).sum(), sliced)
