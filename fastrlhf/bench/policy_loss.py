@@ -6,7 +6,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check
+from fastrlhf.bench.case import Case, Check, bound, compute_dtype, within
 
 # Per token, forward + backward, each input read once and each output written once: logp, old_logp,
 # advantages, ref_logp, entropy (fp32), the mask (bool) read; the gradients of logp and entropy written.
@@ -52,7 +52,40 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
-    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
-    (tests/ops/test_policy_loss.py) check every backend against the float64 reference."""
-    return []
+    grid = [(1, 1), (4, 100), (3, 1100)]
+    return [Check("policy_loss", f"B={B} T={T} ppo dual-clip k3 entropy token-mean", dtype,
+                  lambda device, B=B, T=T, dtype=dtype: _check(B, T, dtype, device))
+            for B, T in grid for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _check(B: int, T: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
+    """The loss and the gradients of logp and entropy against float64 on the rounded inputs."""
+    logp, entropy, old, adv, ref, mask = (x.detach().to(dtype).double() if x.is_floating_point() else x
+                                          for x in inputs(B, T, torch.float64, seed=B * T))
+
+    def run(fn, dt, dev):
+        leaves = [x.to(device=dev, dtype=dt).requires_grad_() for x in (logp, entropy)]
+        loss, _, grads = _train_step(fn, **OPTIONS)(*leaves, *(x.to(device=dev, dtype=dt) for x in (old, adv, ref)),
+                                                     mask.to(dev))
+        return [t.detach().cpu() for t in (loss, *grads)]
+
+    got = run(fastrlhf.policy_loss, dtype, device)
+    exact = run(reference.policy_loss, torch.float64, "cpu")
+    # Magnitudes per unmasked token, times its weight 1 / num_tokens. The ratio r = exp(d), d = logp - old,
+    # carries the rounding of d (|d| eps) besides its own; so does k3's exp(k), k = ref - logp. The loss is
+    # a sum of n tokens, each added into one of 8 lanes (C++) or a tree (Triton), lanes and blocks combined
+    # after: at most n / 8 + 16 additions deep, each a rounding of at most the sum of magnitudes.
+    d, k = logp - old, ref - logp
+    r, e = d.clamp(-20, 20).exp(), k.clamp(-20, 20).exp()
+    upper, dual = 1 + 0.2, OPTIONS["dual_clip"]
+    weight = mask / mask.sum()
+    policy = adv.abs() * (r * (2 + d.abs()) + upper + dual)
+    kl = e * (2 + k.abs()) + k.abs() + 1
+    grad_logp = weight * (adv.abs() * r * (2 + d.abs()) + OPTIONS["kl_coef"] * (1 + e * (2 + k.abs())))
+    grad_entropy = weight * OPTIONS["entropy_coef"]
+    loss_scale = (mask.sum() / 8 + 16) * (weight * (policy + OPTIONS["kl_coef"] * kl + OPTIONS["entropy_coef"] * entropy.abs())).sum()
+    compute = compute_dtype(dtype)
+    names = ("loss", "grad logp", "grad entropy")
+    scales = (loss_scale, grad_logp, grad_entropy)
+    stored = (compute, dtype, dtype)
+    return {n: within(g, x, bound(x, sc, compute, st)) for n, g, x, sc, st in zip(names, got, exact, scales, stored)}

@@ -6,6 +6,7 @@ import torch
 import fastrlhf
 from fastrlhf import backend
 from fastrlhf.bench import logprobs as logprobs_bench
+from fastrlhf.bench import policy_loss as policy_loss_bench
 from fastrlhf.bench import verify
 from fastrlhf.bench.case import bound, within
 
@@ -63,3 +64,24 @@ def test_linear_logprobs_passes_on_the_cpp_backend():
 def test_pairwise_passes_on_the_cpp_backend():
     table, ok = verify.run(interpret=False, ops=("pairwise",))
     assert ok and table.row_count >= 3 * (4 * 5 + 4 + 4)  # dtypes x (dpo 4 types x 5, sigmoid 4, reward model 4)
+
+
+def test_policy_loss_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("policy_loss",))
+    assert ok and table.row_count >= 3 * 3 * 3  # shapes x dtypes x (loss, two gradients)
+
+
+def test_a_policy_loss_that_drops_one_token_fails(monkeypatch):
+    # One token of 400 left out of the loss and its gradient: the per-token gradient bound must catch it.
+    original = fastrlhf.policy_loss
+
+    def dropped(logp, old, adv, mask, **kwargs):
+        mask = mask.clone()
+        mask[0, 0] = False
+        return original(logp, old, adv, mask, **kwargs)
+
+    monkeypatch.setattr(fastrlhf, "policy_loss", dropped)
+    check = next(c for c in policy_loss_bench.checks() if c.dtype == torch.float32 and c.shape.startswith("B=4 "))
+    with backend.use_backend("cpp"):
+        error, limit = check.run(torch.device("cpu"))["grad logp"]
+    assert error > limit
