@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 
 import fastrlhf
-from fastrlhf.bench.case import Case, Check
+from fastrlhf.bench.case import Case, Check, bound, within
 
 # Per token: the reward (fp32) and the mask read, the mask read again and the advantage written (fp32).
 BYTES_PER_TOKEN = 4 + 1 + 1 + 4
@@ -77,8 +77,37 @@ def cases(quick: bool) -> list[Case]:
     ]
 
 
+ESTIMATORS = (("grpo", {}), ("grpo", {"scale": "batch"}), ("rloo", {}), ("opo", {}))
+
+
 def checks() -> list[Check]:
-    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
-    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
-    (tests/ops/test_group_advantages.py) check every backend against the float64 reference."""
-    return []
+    grid = [(2, 1, 2), (64, 50, 8), (96, 300, 16)]
+    return [Check("group_advantages", " ".join([f"B={B} T={T} G={G} {estimator}", *(f"{k}={v}" for k, v in options.items())]), dtype,
+                  lambda device, B=B, T=T, G=G, estimator=estimator, options=options, dtype=dtype:
+                  _check(B, T, G, estimator, options, dtype, device))
+            for B, T, G in grid for estimator, options in ESTIMATORS
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _check(B: int, T: int, G: int, estimator: str, options: dict, dtype: torch.dtype,
+           device: torch.device) -> dict[str, tuple[float, float]]:
+    """The advantages against float64 on the rounded rewards (random, not 0/1, so that rounding matters)."""
+    _, index, mask, _ = _inputs(B, T, G, with_out=False, seed=B * T)
+    rewards = torch.randn(B, T, generator=torch.Generator().manual_seed(B + T), dtype=torch.float64).to(dtype).double()
+    got = fastrlhf.group_advantages(rewards.to(device=device, dtype=dtype), index.to(device),
+                                    estimator=estimator, mask=mask.to(device), **options).cpu()
+    exact = fastrlhf.reference.group_advantages(rewards, index, estimator=estimator, mask=mask, **options)
+    # Every backend computes in float64 (row sums, then two-pass shifted statistics), so the bound is
+    # essentially the final rounding. The magnitudes: each row's |rewards| summed and its group's largest,
+    # at most T + B additions deep, over the spread the centred score is divided by (grpo's std + eps).
+    row = torch.where(mask, rewards.abs(), 0.0).sum(1)
+    group_max = row.view(-1, G).amax(1).repeat_interleave(G)
+    score = torch.where(mask, rewards, 0.0).sum(1)
+    if estimator != "grpo":
+        spread = torch.ones(B, dtype=torch.float64)
+    elif options.get("scale") == "batch":
+        spread = (score.std() + 1e-6).expand(B)
+    else:
+        spread = score.view(-1, G).std(1).repeat_interleave(G) + 1e-6
+    scale = 2 * (T + B) * (row + group_max)[:, None] * (1 + exact.abs()) / spread[:, None]
+    return {"advantages": within(got, exact, bound(exact, scale, torch.float64, got.dtype))}

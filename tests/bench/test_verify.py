@@ -85,3 +85,8 @@ def test_a_policy_loss_that_drops_one_token_fails(monkeypatch):
     with backend.use_backend("cpp"):
         error, limit = check.run(torch.device("cpu"))["grad logp"]
     assert error > limit
+
+
+def test_group_advantages_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("group_advantages",))
+    assert ok and table.row_count >= 3 * 4 * 3  # shapes x estimators x dtypes
