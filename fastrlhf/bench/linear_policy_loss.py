@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check
+from fastrlhf.bench.case import K, Case, Check, bound, compute_dtype, within
+from fastrlhf.bench.logprobs import scales
+from fastrlhf.bench.policy_loss import magnitudes
 
 OPTIONS = dict(loss_type="ppo", clip_low=0.2, clip_high=0.2, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
 
@@ -95,7 +97,56 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    """None yet: ``fastrlhf verify`` bounds each output by the magnitudes it is computed from
-    (``fastrlhf.bench.case.bound``), and those scales are not derived for this op yet. Its tests
-    (tests/ops/test_linear_policy_loss.py) check every backend against the float64 reference."""
-    return []
+    grid = [(4, 8, 5), (40, 24, 301), (128, 64, 1000)]
+    return [Check("linear_policy_loss", f"N={n} H={h} V={v} ppo k3 entropy token-mean", dtype,
+                  lambda device, n=n, h=h, v=v, dtype=dtype: _check(n, h, v, dtype, device))
+            for n, h, v in grid for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The loss and the gradients of hidden and weight against float64 on the rounded inputs."""
+    h, w, labels, old, adv, ref = (x.detach() for x in _inputs(tokens, hidden, vocab, torch.float64, seed=tokens))
+    h, w = h.to(dtype).double(), w.to(dtype).double()
+    old, ref = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1), dtype=old.dtype), ref
+    labels[0, 1::3] = -100  # ignored tokens: masked out of the loss
+
+    def run(fn, dt, dev):
+        leaves = [x.to(device=dev, dtype=dt).requires_grad_() for x in (h, w)]
+        loss, _ = fn(*leaves, labels.to(dev), old.to(dev), adv.to(dev), ref_logp=ref.to(dev), chunk_size=16,
+                     **OPTIONS)
+        return [t.detach().cpu() for t in (loss, *torch.autograd.grad(loss, leaves))]
+
+    got = run(fastrlhf.linear_policy_loss, dtype, device)
+    exact = run(reference.linear_policy_loss, torch.float64, "cpu")
+    # The log-probs and entropies carry what linear_logprobs' check bounds (``row``: the magnitudes of
+    # each); the policy loss's magnitudes then take logp's (policy_loss's check). The logits' gradient
+    # has the policy gradient g and the entropy's as upstream, plus g's own error, which reaches every
+    # logit of its row through (onehot - p); the gradient GEMMs then as in linear_logprobs' check.
+    z = torch.nn.functional.linear(h, w).flatten(0, 1).requires_grad_()
+    flat_labels = labels.flatten()
+    logp, entropy = reference.logprobs(z, flat_labels, return_entropy=True)
+    compute = compute_dtype(dtype)
+    stored_logits = torch.finfo(dtype).eps / (2 * K * torch.finfo(compute).eps)
+    z_scale = h.abs().flatten(0, 1) @ w.abs().T + stored_logits * z.detach().abs()
+    mask = flat_labels != -100
+    weight = mask / mask.sum()  # token-mean over the scored tokens
+    seq_adv = adv[:, None].expand(labels.shape).flatten()
+    logp_d, ent_d = (x.detach().view(labels.shape).requires_grad_() for x in (logp, entropy))
+    loss, _ = reference.policy_loss(logp_d, old, adv, mask.view(labels.shape), ref_logp=ref, entropy=ent_d, **OPTIONS)
+    g_logp, g_ent = (g.flatten() for g in torch.autograd.grad(loss, (logp_d, ent_d)))
+    row, _ = scales(z.detach(), z_scale, flat_labels, torch.stack([g_logp, g_ent]), 1.0)
+    row = torch.where(mask, row, 0.0)
+    loss_terms, g_error = magnitudes(logp.detach(), old.flatten(), ref.flatten(), seq_adv, entropy.detach().abs() + row,
+                                     weight, OPTIONS, logp_scale=row)
+    upstream = torch.stack([g_logp.abs() + g_error, g_ent.abs()])
+    _, grad_scale = scales(z.detach(), z_scale, flat_labels.masked_fill(~mask, -100), upstream, 1.0)
+    grad_z = torch.autograd.grad((logp * g_logp).sum() + (entropy * g_ent).sum(), z)[0]
+    at_label = torch.zeros_like(z).scatter_(-1, flat_labels.clamp_min(0)[:, None], 1.0)
+    g_scale = grad_scale + g_error[:, None] * (z.detach().softmax(-1) + at_label) + (1 + stored_logits) * grad_z.abs()
+    # Each token's own error (from its log-prob's), plus the sum's roundings as in policy_loss's check.
+    loss_scale = loss_terms.sum() + (mask.sum() / 8 + 16) * magnitudes(
+        logp.detach(), old.flatten(), ref.flatten(), seq_adv, entropy.detach().abs(), weight, OPTIONS)[0].sum()
+    scales_out = (loss_scale, (g_scale @ w.abs()).view(h.shape), g_scale.T @ h.abs().flatten(0, 1))
+    names = ("loss", "grad hidden", "grad weight")
+    stored = (compute, dtype, dtype)
+    return {n: within(g, x, bound(x, sc, compute, st)) for n, g, x, sc, st in zip(names, got, exact, scales_out, stored)}

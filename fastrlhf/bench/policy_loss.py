@@ -58,6 +58,25 @@ def checks() -> list[Check]:
             for B, T in grid for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
+def magnitudes(logp, old, ref, adv, entropy_scale, weight, options, logp_scale=0.0):
+    """Per token (float64): the magnitudes its loss terms and its ``d loss / d logp`` are computed from, for
+    a ppo loss with the k3 KL and the entropy bonus of ``options``, each token's aggregation ``weight``.
+
+    The ratio ``r = exp(d)``, ``d = logp - old``, carries the rounding of d (``|d|``) and the error of logp
+    itself (``logp_scale``: the magnitudes logp is computed from; 0 when it is an input) besides its own; so
+    does k3's ``exp(k)``, ``k = ref - logp``. ``entropy_scale``: those of the entropy (``|H|`` for an input).
+    """
+    d, k = logp - old, ref - logp
+    r, e = d.clamp(-20, 20).exp(), k.clamp(-20, 20).exp()
+    r_scale, e_scale = r * (2 + d.abs() + logp_scale), e * (2 + k.abs() + logp_scale)
+    clipped = 1 + options.get("clip_high", 0.2) + (options.get("dual_clip") or 0.0)
+    policy = adv.abs() * (r_scale + clipped)
+    kl = e_scale + k.abs() + 1
+    loss = weight * (policy + options["kl_coef"] * kl + options["entropy_coef"] * entropy_scale)
+    grad = weight * (adv.abs() * r_scale + options["kl_coef"] * (1 + e_scale))
+    return loss, grad
+
+
 def _check(B: int, T: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
     """The loss and the gradients of logp and entropy against float64 on the rounded inputs."""
     logp, entropy, old, adv, ref, mask = (x.detach().to(dtype).double() if x.is_floating_point() else x
@@ -71,19 +90,12 @@ def _check(B: int, T: int, dtype: torch.dtype, device: torch.device) -> dict[str
 
     got = run(fastrlhf.policy_loss, dtype, device)
     exact = run(reference.policy_loss, torch.float64, "cpu")
-    # Magnitudes per unmasked token, times its weight 1 / num_tokens. The ratio r = exp(d), d = logp - old,
-    # carries the rounding of d (|d| eps) besides its own; so does k3's exp(k), k = ref - logp. The loss is
-    # a sum of n tokens, each added into one of 8 lanes (C++) or a tree (Triton), lanes and blocks combined
-    # after: at most n / 8 + 16 additions deep, each a rounding of at most the sum of magnitudes.
-    d, k = logp - old, ref - logp
-    r, e = d.clamp(-20, 20).exp(), k.clamp(-20, 20).exp()
-    upper, dual = 1 + 0.2, OPTIONS["dual_clip"]
-    weight = mask / mask.sum()
-    policy = adv.abs() * (r * (2 + d.abs()) + upper + dual)
-    kl = e * (2 + k.abs()) + k.abs() + 1
-    grad_logp = weight * (adv.abs() * r * (2 + d.abs()) + OPTIONS["kl_coef"] * (1 + e * (2 + k.abs())))
+    weight = mask / mask.sum()  # token-mean
+    loss_terms, grad_logp = magnitudes(logp, old, ref, adv, entropy.abs(), weight, OPTIONS)
+    # The loss sums n tokens, each added into one of 8 lanes (C++) or a tree (Triton), lanes and blocks
+    # combined after: at most n / 8 + 16 additions deep, each a rounding of at most the sum of magnitudes.
+    loss_scale = (mask.sum() / 8 + 16) * loss_terms.sum()
     grad_entropy = weight * OPTIONS["entropy_coef"]
-    loss_scale = (mask.sum() / 8 + 16) * (weight * (policy + OPTIONS["kl_coef"] * kl + OPTIONS["entropy_coef"] * entropy.abs())).sum()
     compute = compute_dtype(dtype)
     names = ("loss", "grad logp", "grad entropy")
     scales = (loss_scale, grad_logp, grad_entropy)

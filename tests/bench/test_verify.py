@@ -90,3 +90,8 @@ def test_a_policy_loss_that_drops_one_token_fails(monkeypatch):
 def test_group_advantages_passes_on_the_cpp_backend():
     table, ok = verify.run(interpret=False, ops=("group_advantages",))
     assert ok and table.row_count >= 3 * 4 * 3  # shapes x estimators x dtypes
+
+
+def test_linear_policy_loss_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("linear_policy_loss",))
+    assert ok and table.row_count >= 3 * 3 * 3  # shapes x dtypes x (loss, grad hidden, grad weight)
