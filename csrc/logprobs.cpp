@@ -16,6 +16,9 @@
 // a logit whose z = x / T is below threshold[row] counts as -inf (outside the sums, zero gradient), and so
 // does the label's. Without one the loops carry no comparison at all (a template parameter).
 //
+// Optionally (extras, TRL's ChunkedLogProbFunction outputs) also per row: log sum p^2, the mean of z, and
+// whether the label is the first arg-max of z, from the same tiles (no threshold, no shard).
+//
 // fp32, bf16 and fp16 logits are computed in fp32 (outputs, 1/T and upstream gradients fp32); fp64
 // logits in fp64 throughout, for float64 gradient checks.
 #include "logits.h"  // first: it picks the vector ISA
@@ -85,16 +88,21 @@ template <typename acc_t>
 struct RowStats {
   acc_t lse;
   acc_t entropy;
+  // With EXTRAS (TRL's optional outputs): log sum p^2, the mean z, and whether the label is the first arg-max.
+  acc_t log_sum_sq, mean_z, is_top1;
 };
 
-template <bool HAS_THRESHOLD, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t threshold) {
+// A row's statistics. EXTRAS also sums exp(z - m)^2 (rescaled by f^2 as the max rises) and z, and keeps
+// the max of z before the label's column (local): each tile's max already has it for tiles wholly before
+// the label, so only the label's own tile is scanned again, in L1.
+template <bool HAS_THRESHOLD, bool EXTRAS, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t threshold, int64_t local = -1) {
   using V_t = Vec<acc_t>;
   const V_t thr(threshold);
   constexpr int64_t step = STEP<acc_t>;
   acc_t m = NEG_INF<acc_t>;
-  V_t s0(0), s1(0), u0(0), u1(0);
-  acc_t s_tail = 0, u_tail = 0;
+  V_t s0(0), s1(0), u0(0), u1(0), q0(0), q1(0), x0(0), x1(0);
+  acc_t s_tail = 0, u_tail = 0, q_tail = 0, x_tail = 0, before = NEG_INF<acc_t>;
   // Moves the accumulators onto a new max; called only when the max rises.
   auto raise = [&](acc_t m_new) {
     if (m != NEG_INF<acc_t>) {
@@ -105,8 +113,22 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
       s1 = s1 * V_t(f);
       u_tail = f * (u_tail + shift * s_tail);
       s_tail *= f;
+      if constexpr (EXTRAS) {
+        q0 = q0 * V_t(f * f);
+        q1 = q1 * V_t(f * f);
+        q_tail *= f * f;
+      }
     }
     m = m_new;
+  };
+  // The max of z over columns [begin, end) (before the label), NaN-propagating as the row max is.
+  auto max_z = [&](int64_t begin, int64_t end) {
+    acc_t mx = NEG_INF<acc_t>;
+    for (int64_t j = begin; j < end; ++j) {
+      const acc_t z = static_cast<acc_t>(x[j]) * inv_t;
+      mx = z > mx || z != z ? z : mx;
+    }
+    return mx;
   };
   const int64_t body = V - V % step;
   for (int64_t start = 0; start < body; start += TILE) {
@@ -123,8 +145,14 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
     }
     const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, mx) *
                            (HAS_THRESHOLD ? acc_t(1) : inv_t);
+    if constexpr (EXTRAS) {
+      if (start < local) before = std::max(before, end <= local ? tile_max : max_z(start, local));
+    }
     if (tile_max > m || tile_max != tile_max) raise(tile_max);  // a NaN max makes m, s and u NaN for good
-    if (m == NEG_INF<acc_t>) continue;  // everything so far is -inf: nothing to add
+    if (m == NEG_INF<acc_t>) {  // everything so far is -inf: nothing to add
+      if constexpr (EXTRAS) x_tail = NEG_INF<acc_t>;
+      continue;
+    }
     const V_t scale(inv_t), shift(m);
     for (int64_t j = start; j < end; j += step) {
       auto [a, b] = load_acc(x + j);
@@ -135,6 +163,12 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
       s1 += eb;
       u0 = at::vec::fmadd(ea, da, u0);
       u1 = at::vec::fmadd(eb, db, u1);
+      if constexpr (EXTRAS) {
+        q0 = at::vec::fmadd(ea, ea, q0);
+        q1 = at::vec::fmadd(eb, eb, q1);
+        x0 += a;
+        x1 += b;
+      }
     }
   }
   if (body < V) {
@@ -143,6 +177,9 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
       const acc_t z = kept<HAS_THRESHOLD>(static_cast<acc_t>(x[j]) * inv_t, threshold);
       tail_max = z > tail_max || z != z ? z : tail_max;  // a NaN sticks (std::max would drop it)
     }
+    if constexpr (EXTRAS) {
+      if (body < local) before = std::max(before, max_z(body, std::min(V, local)));
+    }
     if (tail_max > m || tail_max != tail_max) raise(tail_max);
     if (m != NEG_INF<acc_t>) {
       for (int64_t j = body; j < V; ++j) {
@@ -150,15 +187,31 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t, acc_t thres
         const acc_t e = std::exp(d);
         s_tail += e;
         u_tail += e * d;
+        if constexpr (EXTRAS) {
+          q_tail += e * e;
+          x_tail += static_cast<acc_t>(x[j]);
+        }
       }
+    } else if constexpr (EXTRAS) {
+      x_tail = NEG_INF<acc_t>;
     }
   }
-  if (m == NEG_INF<acc_t>) return {NEG_INF<acc_t>, 0};  // every logit is -inf: no distribution
+  // Every logit -inf: no distribution (log sum p^2 -inf, mean -inf, no arg-max).
+  if (m == NEG_INF<acc_t>) return {NEG_INF<acc_t>, 0, NEG_INF<acc_t>, NEG_INF<acc_t>, 0};
   const auto sum = [](V_t& a, V_t& b) { return a + b; };
   const acc_t s = at::vec::vec_reduce_all<acc_t>(sum, s0 + s1) + s_tail;
   const acc_t u = at::vec::vec_reduce_all<acc_t>(sum, u0 + u1) + u_tail;
   const acc_t log_s = std::log(s);
-  return {m + log_s, log_s - u / s};
+  RowStats<acc_t> out{m + log_s, log_s - u / s, 0, 0, 0};
+  if constexpr (EXTRAS) {
+    const acc_t q = at::vec::vec_reduce_all<acc_t>(sum, q0 + q1) + q_tail;
+    out.log_sum_sq = std::log(q) - 2 * log_s;
+    out.mean_z = (at::vec::vec_reduce_all<acc_t>(sum, x0 + x1) + x_tail) * inv_t / static_cast<acc_t>(V);
+    // The first arg-max (as torch.argmax): at least the max, and above every column before it.
+    const acc_t z_label = local >= 0 && local < V ? static_cast<acc_t>(x[local]) * inv_t : NEG_INF<acc_t>;
+    out.is_top1 = z_label >= m && z_label > before ? acc_t(1) : acc_t(0);
+  }
+  return out;
 }
 
 // Where row i of [N, V] or [B, T, V] logits starts: (i / T) stride_b + (i % T) stride_t, so a slice such as
@@ -230,36 +283,54 @@ void with_flag(bool flag, F&& f) {
 
 void logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& inv_temp,
                       const c10::optional<at::Tensor>& threshold, int64_t ignore_index, int64_t vocab_start,
-                      int64_t vocab_size, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse) {
+                      int64_t vocab_size, at::Tensor& logp, at::Tensor& entropy, at::Tensor& lse,
+                      const c10::optional<at::Tensor>& extras) {
   const Rows r = rows_of(logits, labels, inv_temp, ignore_index, vocab_start, vocab_size);
+  TORCH_CHECK(!(extras && threshold), "extras: not computed with a threshold (the kept set)");
   DISPATCH_LOGITS(logits.scalar_type(), "logprobs_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* inv_t = per_row<acc_t>(inv_temp, r, "inv_temp");
     const acc_t* thr = threshold ? per_row<acc_t>(*threshold, r, "threshold") : nullptr;
     acc_t *lp = per_row<acc_t>(logp, r, "logp"), *ent = per_row<acc_t>(entropy, r, "entropy");
     acc_t* ls = per_row<acc_t>(lse, r, "lse");
+    acc_t* ex = nullptr;
+    if (extras) {
+      check_flat(*extras, r.acc, 3 * r.n, "extras");
+      ex = extras->data_ptr<acc_t>();
+    }
     const scalar_t* x = logits.data_ptr<scalar_t>();
     with_flag(thr != nullptr, [&](auto has_threshold) {
-      constexpr bool HAS_THRESHOLD = decltype(has_threshold)::value;
-      at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t label = r.label(i);
-          if (label == r.ignore_index) {
-            lp[i] = ent[i] = ls[i] = 0;
-            continue;
-          }
-          const scalar_t* row = x + r.layout.offset(i);
-          const acc_t t = HAS_THRESHOLD ? thr[i] : acc_t(0);
-          const RowStats<acc_t> st = row_stats<HAS_THRESHOLD>(row, r.V, inv_t[i], t);
-          const int64_t local = label - r.vocab_start;
-          const bool owned = local >= 0 && local < r.V;
-          // A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is -inf
-          // (not -inf - -inf); a NaN anywhere in the row makes everything NaN.
-          const acc_t z_label = owned ? kept<HAS_THRESHOLD>(static_cast<acc_t>(row[local]) * inv_t[i], t) : acc_t(0);
-          const bool minus_inf = z_label == NEG_INF<acc_t> && !std::isnan(st.lse);
-          lp[i] = !owned ? acc_t(0) : minus_inf ? NEG_INF<acc_t> : z_label - st.lse;
-          ent[i] = st.entropy;
-          ls[i] = st.lse;
+      with_flag(ex != nullptr, [&](auto has_extras) {
+        constexpr bool HAS_THRESHOLD = decltype(has_threshold)::value, EXTRAS = decltype(has_extras)::value;
+        if constexpr (!(HAS_THRESHOLD && EXTRAS)) {
+          at::parallel_for(0, r.n, grain(r.V), [&](int64_t first, int64_t last) {
+            for (int64_t i = first; i < last; ++i) {
+              const int64_t label = r.label(i);
+              if (label == r.ignore_index) {
+                lp[i] = ent[i] = ls[i] = 0;
+                if (EXTRAS) ex[i] = ex[r.n + i] = ex[2 * r.n + i] = 0;
+                continue;
+              }
+              const scalar_t* row = x + r.layout.offset(i);
+              const acc_t t = HAS_THRESHOLD ? thr[i] : acc_t(0);
+              const int64_t local = label - r.vocab_start;
+              const RowStats<acc_t> st = row_stats<HAS_THRESHOLD, EXTRAS>(row, r.V, inv_t[i], t, local);
+              const bool owned = local >= 0 && local < r.V;
+              // A label logit of -inf (or outside the kept set) has log-prob -inf, also when the whole row is
+              // -inf (not -inf - -inf); a NaN anywhere in the row makes everything NaN.
+              const acc_t z_label =
+                  owned ? kept<HAS_THRESHOLD>(static_cast<acc_t>(row[local]) * inv_t[i], t) : acc_t(0);
+              const bool minus_inf = z_label == NEG_INF<acc_t> && !std::isnan(st.lse);
+              lp[i] = !owned ? acc_t(0) : minus_inf ? NEG_INF<acc_t> : z_label - st.lse;
+              ent[i] = st.entropy;
+              ls[i] = st.lse;
+              if constexpr (EXTRAS) {
+                ex[i] = st.log_sum_sq;
+                ex[r.n + i] = st.mean_z;
+                ex[2 * r.n + i] = st.is_top1;
+              }
+            }
+          });
         }
       });
     });
@@ -354,7 +425,7 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
 TORCH_LIBRARY_FRAGMENT(fastrlhf_cpp, m) {
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, int ignore_index, "
-      "int vocab_start, int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+      "int vocab_start, int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse, Tensor(d!)? extras) -> ()");
   m.def(
       "logprobs_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, Tensor lse, "
       "Tensor? entropy, Tensor grad_logp, Tensor? grad_entropy, int ignore_index, int vocab_start, "

@@ -9,6 +9,10 @@ Backward, per element with ``d = z - lse`` (= log p): ``dz = p (a + b d)`` plus 
 ``a = -(g_logp + g_ent H)``, ``b = -g_ent``, all times ``1/T``. Each tile is read before it is written,
 so the gradient may overwrite the logits (in-place backward).
 
+``EXTRAS`` (TRL's ``ChunkedLogProbFunction`` outputs, no threshold): also ``log sum p^2`` (``q = sum
+exp(z - m)^2`` rescaled by ``f^2``), the mean of ``z`` and whether the label is the first arg-max (the max
+of the columns before it), into ``extras`` ``[3, rows]``.
+
 ``HAS_THRESHOLD``: a per-row threshold (accumulation dtype) restricts the row to a kept set: a logit whose
 ``z`` is below it counts as ``-inf`` (outside the sums, zero gradient), and so does the label's (log-prob
 ``-inf``; the caller zeroes that row's upstream gradients, see ``fastrlhf.ops.logprobs_local.logits_grad``). Offsets are int64: rows * V passes 2^31
@@ -29,8 +33,8 @@ FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp_ptr, entropy_ptr, lse_ptr,
-                            T, stride_b, stride_t, V, vocab_size, ignore_index, vocab_start,
-                            HAS_THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr):
+                            extras_ptr, rows, T, stride_b, stride_t, V, vocab_size, ignore_index, vocab_start,
+                            HAS_THRESHOLD: tl.constexpr, EXTRAS: tl.constexpr, BLOCK_V: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -38,6 +42,9 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
         tl.store(logp_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
+        if EXTRAS:
+            for k in tl.static_range(3):
+                tl.store(extras_ptr + k * rows + row, 0.0)
     else:
         inv_t = tl.load(inv_temp_ptr + row)
         threshold = _row_threshold(threshold_ptr, row, HAS_THRESHOLD)
@@ -46,10 +53,17 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
         m = tl.full([], -float("inf"), ACC)
         s = tl.zeros([], ACC)
         u = tl.zeros([], ACC)
+        q = tl.zeros([], ACC)  # EXTRAS: sum exp(z - m)^2, the sum of z, the max of z before the label
+        z_sum = tl.zeros([], ACC)
+        before = tl.full([], -float("inf"), ACC)
+        local = label - vocab_start
         for start in range(0, V, BLOCK_V):
             inside = start + cols < V
             z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
                       HAS_THRESHOLD)
+            if EXTRAS:
+                z_sum += tl.sum(tl.where(inside, z, 0.0), axis=0)
+                before = tl.maximum(before, tl.max(tl.where(start + cols < local, z, -float("inf")), axis=0))
             # tl.max drops NaN: a NaN reaches s through its own exp (d propagates it), and s stays NaN.
             m_new = tl.maximum(m, tl.max(z, axis=0))
             base = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf while everything is -inf
@@ -61,8 +75,9 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
             e = tl.exp(d)
             s += tl.sum(e, axis=0)
             u += tl.sum(e * d, axis=0)
+            if EXTRAS:
+                q = f * f * q + tl.sum(e * e, axis=0)
             m = m_new
-        local = label - vocab_start
         owned = (local >= 0) & (local < V)
         z_label = _kept(tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t, threshold, HAS_THRESHOLD)
         # Every logit -inf: no distribution, so log-probs -inf and entropy 0. A NaN logit: all NaN.
@@ -79,6 +94,12 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
         tl.store(logp_ptr + row, tl.where(valid, tl.where(owned, logp, 0.0), float("nan")))
         tl.store(entropy_ptr + row, tl.where(valid, entropy, float("nan")))
         tl.store(lse_ptr + row, tl.where(valid, lse, float("nan")))
+        if EXTRAS:
+            # The first arg-max (as torch.argmax): at least the max, and above every column before it.
+            top1 = (z_label >= m) & (z_label > before) & owned
+            tl.store(extras_ptr + row, tl.where(seen, tl.log(q) - 2 * log_s, -float("inf")))
+            tl.store(extras_ptr + rows + row, z_sum / V)
+            tl.store(extras_ptr + 2 * rows + row, tl.where(top1, 1.0, 0.0))
 
 
 @triton.jit
@@ -142,14 +163,15 @@ def _kept(z, threshold, HAS_THRESHOLD: tl.constexpr):
 
 
 def logprobs_forward(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, logp, entropy,
-                     lse):
+                     lse, extras=None):
     """Launches the forward; arguments as the C++ op ``fastrlhf_cpp::logprobs_forward`` (checked in Python)."""
     rows, V = labels.shape[0], logits.shape[-1]
     if rows == 0:
         return
     logprobs_forward_kernel[(rows,)](logits, labels, inv_temp, inv_temp if threshold is None else threshold, logp,
-                                     entropy, lse, *_layout(logits), V, vocab_size, ignore_index, vocab_start,
-                                     HAS_THRESHOLD=threshold is not None, BLOCK_V=_block(V), num_warps=NUM_WARPS)
+                                     entropy, lse, lse if extras is None else extras, rows, *_layout(logits), V,
+                                     vocab_size, ignore_index, vocab_start, HAS_THRESHOLD=threshold is not None,
+                                     EXTRAS=extras is not None, BLOCK_V=_block(V), num_warps=NUM_WARPS)
 
 
 def logprobs_backward(logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,

@@ -93,16 +93,19 @@ def check_labels(labels, ignore_index, vocab):
         raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}")
 
 
-def forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size):
+def forward_local(logits, labels, inv_temp, threshold, ignore_index, vocab_start, vocab_size, extras=None):
     """``(logp, entropy, lse)`` of the kernel on one (shard of the) vocabulary; see ``csrc/logprobs.cpp``.
 
     ``threshold`` (``[N]``, the accumulation dtype, or None): per row, logits whose ``z = x / T`` lies below
     it are outside the kept set, as if ``-inf``; a label outside it gets log-prob ``-inf``.
+    ``extras`` (``[3, N]``, the accumulation dtype, or None; not with a threshold): also written per row,
+    from the same pass: ``log sum p^2``, the mean of ``z`` and 1 where the label is the first arg-max of
+    ``z`` (else 0); 0 for ignored rows.
     """
     like = logits.new_empty(labels.shape[0], dtype=acc_dtype(logits))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     backend.kernels("logprobs", logits).logprobs_forward(logits, labels, inv_temp, threshold, ignore_index,
-                                                         vocab_start, vocab_size, logp, entropy, lse)
+                                                         vocab_start, vocab_size, logp, entropy, lse, extras)
     return logp, entropy, lse
 
 

@@ -498,3 +498,30 @@ def test_cpp_ops_check_every_tensor_they_read(name, change):
         else:
             ops.logprobs_forward(a["logits"], a["labels"], a["inv_temp"], a["threshold"], IGNORE, 0, 10,
                                  a["lse"], a["entropy"], a["grad_logp"])
+
+
+@pytest.mark.parametrize("V", [5, 70, 9000])
+def test_extras_from_the_same_pass(kernel_backend, V):
+    """TRL's optional outputs, written by the forward kernel itself: log sum p^2, the mean of z = x / T and
+    whether the label is the first arg-max (a tie with an earlier column is not top-1, as torch.argmax),
+    against float64 torch; ties from quantised logits, labels in the first and last tile, an ignored row."""
+    from fastrlhf.ops.logprobs_local import forward_local
+
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(8, V, generator=g, dtype=torch.float64) * 2).round()  # many ties
+    labels = logits.argmax(-1)
+    labels[1] = V - 1
+    labels[2] = 0
+    labels[3] = -100
+    row_max = logits.amax(-1, keepdim=True)
+    logits[4, V - 1] = row_max[4, 0]  # a late tie with the row max, the label the last of them
+    labels[4] = V - 1
+    logits[5, : V // 2] = -math.inf
+    inv_temp = torch.full((8,), 1 / 0.7, dtype=torch.float64)
+    extras = torch.full((3, 8), math.nan, dtype=torch.float32)
+    forward_local(logits.float(), labels, inv_temp.float(), None, -100, 0, V, extras)
+    z = logits / 0.7
+    p = z.softmax(-1)
+    want = torch.stack([(p * p).sum(-1).log(), z.mean(-1), (z.argmax(-1) == labels).double()])
+    want[:, 3] = 0
+    torch.testing.assert_close(extras.double(), want, rtol=1e-5, atol=1e-5)
