@@ -6,6 +6,11 @@ from a torch matmul (the CPU BLAS or cuBLAS) into one reused ``[chunk, V]`` buff
 log-prob kernels of ``fastrlhf.logprobs`` (C++ on CPU, Triton on CUDA); only per-token statistics survive
 a chunk. The backward recomputes the logits a vocab slice ``[N, width]`` at a time, turns them into
 their gradient in place and multiplies it out into the gradients of hidden, weight and bias.
+
+With the sampler's filters (``top_k``, ``top_p``, ``min_p``) each forward chunk's per-row thresholds come from
+that chunk's logits (``fastrlhf.sampling_threshold``'s kernels, selection, no sort) and are saved; the backward
+then recomputes the logits by the forward's own token chunks (the same GEMM calls, so the same bits: the
+token at a threshold sits exactly on it, and a vocab slice's GEMM, rounding differently, could drop it).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.logprobs_local import (LOGIT_DTYPES, acc_dtype, canonical, check_labels, backward_into, forward_local,
-                                   kept_upstream)
+from fastrlhf.ops.logprobs_local import (LOGIT_DTYPES, acc_dtype, backward_into, canonical, check_labels, forward_local,
+                                         kept_upstream, with_kept)
+from fastrlhf.ops.sampling_threshold import row_filters, threshold_into
 
 # chunk_size=None sizes the two passes apart (logits counted at 4 bytes whatever the dtype). The forward
 # holds nothing else, and its token chunks get slow when small (each chunk's matmul streams all of the
@@ -26,15 +32,18 @@ from fastrlhf.ops.logprobs_local import (LOGIT_DTYPES, acc_dtype, canonical, che
 # H tokens), which the backward's gradient needs anyway. The backward's buffer comes on top of the
 # weight's gradient, and its vocab slices cost nothing when narrow (19.8 s at 500 and at 16000 columns),
 # so it takes BACKWARD_BUDGET, but no more logits than the hidden states have (at most H columns).
+# On CUDA both budgets are in the GiB range (CUDA_BUDGET): a launch per slice costs more there than a
+# slice's few MiB take to multiply (8 MiB slices were 600-1200 slices of 6 launches at 8-16k tokens).
 FORWARD_BUDGET = 128 << 20
 BACKWARD_BUDGET = 8 << 20
+CUDA_BUDGET = 1 << 30
 MIN_CHUNK = 32      # tokens per forward chunk
 MIN_SLICE = 128     # vocab columns per backward slice
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float | Tensor = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                    chunk_size: Optional[int] = None):
+                    chunk_size: Optional[int] = None, top_k=None, top_p=None, min_p=None, return_kept: bool = False):
     """``fastrlhf.logprobs(hidden @ weight.T + bias, labels, ...)`` without ever holding all the logits.
 
     Args:
@@ -47,39 +56,71 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
         chunk_size: tokens per forward chunk; the backward then takes vocab slices of the same size
             (``chunk_size * V`` logits). None sizes both from FORWARD_BUDGET and BACKWARD_BUDGET
             (``chunking``). Results do not depend on it beyond rounding.
+        top_k, top_p, min_p, return_kept: the sampler's filters, as in ``fastrlhf.logprobs`` (numbers or
+            tensors broadcastable to ``[...]``); each row's thresholds come from its chunk's logits, computed
+            in hidden's dtype. The backward then walks the forward's token chunks instead of vocab slices.
 
     Returns:
-        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``. The logits are computed in
+        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``, then ``kept`` if asked. The logits are computed in
         hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
         Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64).
         Peak memory is one chunk's logits plus the gradients themselves.
     """
     if backend.forced_backend() == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, return_entropy=return_entropy)
+                                         ignore_index=ignore_index, return_entropy=return_entropy, top_k=top_k,
+                                         top_p=top_p, min_p=min_p, return_kept=return_kept)
     _check_parameters(hidden, weight, bias)
     # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
     flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
     flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the matmuls take [N, H]
+    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
     vocab = weight.shape[0]
     check_labels(flat_labels, ignore_index, vocab)
-    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1])
-    logp, entropy, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
-                                                                   None, ignore_index, chunk, width)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1], hidden.device)
+    logp, entropy, _, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
+                                                                      *filters, ignore_index, chunk, width)
+    return with_kept(logp.view(labels.shape), entropy.view(labels.shape), labels, ignore_index, return_entropy,
+                     return_kept)
 
 
-def chunking(chunk_size: Optional[int], tokens: int, vocab: int, hidden: int) -> tuple[int, int]:
+def budgets(device: torch.device) -> tuple[int, int]:
+    """Bytes of logits (counted at 4 bytes each) of a forward chunk and of a backward slice on ``device``:
+    CUDA_BUDGET for both on CUDA, FORWARD_BUDGET and BACKWARD_BUDGET elsewhere."""
+    return (CUDA_BUDGET, CUDA_BUDGET) if torch.device(device).type == "cuda" else (FORWARD_BUDGET, BACKWARD_BUDGET)
+
+
+def mixed_precision_gemm(device: torch.device) -> bool:
+    """Whether bf16/fp16 products accumulate into an fp32 output inside the GEMM on ``device`` (CUDA:
+    ``torch.addmm(..., out_dtype=)``, tensor cores); the CPU has no such GEMM and upcasts the operands."""
+    return torch.device(device).type == "cuda"
+
+
+def accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` with ``out`` in the accumulation dtype (fp32, fp64 for fp64 operands). Operands of
+    ``out``'s dtype accumulate in place; bf16/fp16 operands go into the GEMM as they are where
+    ``mixed_precision_gemm`` (fp32 accumulation into ``out``, no copies), and are upcast elsewhere."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif mixed_precision_gemm(out.device):
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+
+
+def chunking(chunk_size: Optional[int], tokens: int, vocab: int, hidden: int,
+             device: torch.device = torch.device("cpu")) -> tuple[int, int]:
     """(tokens per forward chunk, vocab columns per backward slice), each at least 1.
 
-    None: ``clamp(min(FORWARD_BUDGET / (4 V), H), MIN_CHUNK, tokens)`` tokens and
-    ``clamp(min(BACKWARD_BUDGET / (4 tokens), H), MIN_SLICE, V)`` columns. A given ``chunk_size``: that
-    many tokens (at most all), and slices of as many logits, ``chunk_size * V / tokens`` columns.
+    None: ``clamp(min(forward budget / (4 V), H), MIN_CHUNK, tokens)`` tokens and
+    ``clamp(min(backward budget / (4 tokens), H), MIN_SLICE, V)`` columns, the budgets ``budgets(device)``.
+    A given ``chunk_size``: that many tokens (at most all), and slices of as many logits,
+    ``chunk_size * V / tokens`` columns.
     """
     if chunk_size is None:
-        return (max(1, min(tokens, max(MIN_CHUNK, min(FORWARD_BUDGET // (4 * vocab), hidden)))),
-                min(vocab, max(MIN_SLICE, min(BACKWARD_BUDGET // (4 * max(tokens, 1)), hidden))))
+        forward, backward = budgets(device)
+        return (max(1, min(tokens, max(MIN_CHUNK, min(forward // (4 * vocab), hidden)))),
+                min(vocab, max(MIN_SLICE, min(backward // (4 * max(tokens, 1)), hidden))))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -124,57 +165,75 @@ def _chunk_logits(hidden, weight, bias, step, by_vocab=False):
 
 @torch.library.custom_op("fastrlhf::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                            inv_temp: Tensor, threshold: Optional[Tensor], ignore_index: int, chunk_size: int,
-                            slice_width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``[N]`` fp32 log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
-    ``chunk_size`` tokens at a time; ``slice_width`` is the backward's. ``threshold``: the per-row kept-set
-    threshold of ``fastrlhf.ops.logprobs_local.forward_local`` (saved for the backward), or None."""
+                            inv_temp: Tensor, top_k: Optional[Tensor], top_p: Optional[Tensor],
+                            min_p: Optional[Tensor], ignore_index: int, chunk_size: int,
+                            slice_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``[N]`` log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
+    ``chunk_size`` tokens at a time; ``slice_width`` is the backward's. ``top_k`` (int64), ``top_p``,
+    ``min_p``: ``[N]`` sampler filters (``sampling_threshold.row_filters``), all three or none. Also returns
+    the ``[N]`` kept-set thresholds found from each chunk's logits (saved for the backward), ``[0]`` without
+    filters."""
     like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     logp, entropy, lse = backend.empty_outputs(like, 3)
+    filtered = top_k is not None
+    threshold = backend.empty_outputs(like, 1)[0] if filtered else like.new_empty(0)
     vocab = weight.shape[0]
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
-        logp[rows], entropy[rows], lse[rows] = forward_local(
-            logits, labels[rows], inv_temp[rows], None if threshold is None else threshold[rows], ignore_index, 0,
-            vocab)
-    return logp, entropy, lse
+        part_threshold = None
+        if filtered:
+            part_threshold = threshold[rows]
+            threshold_into(logits, inv_temp[rows], top_k[rows], top_p[rows], min_p[rows], part_threshold)
+        logp[rows], entropy[rows], lse[rows] = forward_local(logits, labels[rows], inv_temp[rows], part_threshold,
+                                                             ignore_index, 0, vocab)
+    return logp, entropy, lse, threshold
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, labels, inv_temp, threshold, ignore_index, chunk_size, slice_width):
+def _(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, ignore_index, chunk_size, slice_width):
     like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
-    return like, torch.empty_like(like), torch.empty_like(like)
+    return like, torch.empty_like(like), torch.empty_like(like), like.new_empty(0 if top_k is None else like.shape[0])
 
 
 @torch.library.custom_op("fastrlhf::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                              inv_temp: Tensor, threshold: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
-                             grad_logp: Tensor,
-                             grad_entropy: Optional[Tensor], ignore_index: int, slice_width: int,
-                             needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                             grad_logp: Tensor, grad_entropy: Optional[Tensor], ignore_index: int, chunk_size: int,
+                             slice_width: int, needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]``, each in its input's dtype; one
     not asked for in ``needs_grad`` (hidden, weight, bias) is returned as an empty ``[0]`` tensor.
 
-    ``entropy`` and ``grad_entropy`` are both given or both None (no entropy term). The backward walks
-    the vocabulary in slices of ``slice_width`` columns and all tokens: each slice's logits are
-    recomputed and overwritten by their gradient G (the kernel takes the slice as a vocab shard and the
-    per-token logsumexp and entropy of the whole row), then
+    ``entropy`` and ``grad_entropy`` are both given or both None (no entropy term). Without a ``threshold``
+    the backward walks the vocabulary in slices of ``slice_width`` columns and all tokens: each slice's
+    logits are recomputed and overwritten by their gradient G (the kernel takes the slice as a vocab shard
+    and the per-token logsumexp and entropy of the whole row), then
     ``grad_weight[slice] = G.T @ h`` and ``grad_bias[slice] = G.sum(0)`` are final at once and only
     ``grad_hidden += G @ W[slice]`` accumulates, over a ``[N, H]`` buffer. Slicing by tokens instead
     would accumulate over the ``[V, H]`` weight gradient, reading and writing it once per chunk.
+    With a ``threshold`` (the forward's kept sets) it walks the forward's ``chunk_size`` token chunks, whose
+    recomputed logits are bitwise the forward's, so each row keeps exactly the tokens it kept there.
     """
     need_hidden, need_weight, need_bias = needs_grad
     vocab = weight.shape[0]
-    # Low precision accumulates grad_hidden in fp32 over the slices (fp32 operands too: the CPU has no
-    # mixed-precision GEMM); fp32 and fp64 accumulate in place.
     acc = acc_dtype(hidden)
+    if threshold is not None:
+        grad_hidden = backend.empty_outputs(hidden, 1)[0] if need_hidden else hidden.new_empty(0)
+        grad_weight = torch.zeros(weight.shape if need_weight else 0, dtype=acc, device=weight.device)
+        grad_bias = torch.zeros(vocab if need_bias else 0, dtype=acc, device=weight.device)
+        for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
+            backward_into(logits, logits, labels[rows], inv_temp[rows], threshold[rows], lse[rows],
+                          None if entropy is None else entropy[rows], grad_logp[rows],
+                          None if grad_entropy is None else grad_entropy[rows], ignore_index, 0, vocab)
+            chunk_grads(logits, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, needs_grad)
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    # grad_hidden accumulates over the slices in fp32 (fp64) whatever the operands' dtype.
     grad_hidden = torch.zeros(hidden.shape if need_hidden else 0, dtype=acc, device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = weight.new_empty(vocab if need_bias else 0)
     for cols, logits in _chunk_logits(hidden, weight, bias, slice_width, by_vocab=True):
-        backward_into(logits, logits, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy,
-                      ignore_index, cols.start, vocab)
+        backward_into(logits, logits, labels, inv_temp, None, lse, entropy, grad_logp, grad_entropy, ignore_index,
+                      cols.start, vocab)
         if need_hidden:
-            grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
+            accumulate_mm(grad_hidden, logits, weight[cols])
         if need_weight:
             torch.mm(logits.t(), hidden, out=grad_weight[cols])
         if need_bias:
@@ -182,9 +241,22 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
+def chunk_grads(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, needs_grad):
+    """One token chunk's share of the gradients, from ``grad_logits`` ``[chunk, V]`` (the logits' dtype):
+    ``grad_hidden[rows] = G @ weight`` (final), ``grad_weight += G.T @ hidden[rows]`` and
+    ``grad_bias += G.sum(0)`` (accumulation-dtype buffers)."""
+    need_hidden, need_weight, need_bias = needs_grad
+    if need_hidden:
+        torch.mm(grad_logits, weight, out=grad_hidden[rows])
+    if need_weight:
+        accumulate_mm(grad_weight, grad_logits.t(), hidden[rows])
+    if need_bias:
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
 @linear_logprobs_backward.register_fake
 def _(hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp, grad_entropy, ignore_index,
-      slice_width, needs_grad):
+      chunk_size, slice_width, needs_grad):
     need_hidden, need_weight, need_bias = needs_grad
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -192,24 +264,25 @@ def _(hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temp, threshold, ignore_index, _, slice_width = inputs
-    logp, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, threshold, logp, lse, entropy)
-    ctx.args = (ignore_index, slice_width)
+    hidden, weight, bias, labels, inv_temp, top_k, _, _, ignore_index, chunk_size, slice_width = inputs
+    logp, entropy, lse, threshold = output
+    ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, None if top_k is None else threshold, logp, lse,
+                          entropy)
+    ctx.args = (ignore_index, chunk_size, slice_width)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_threshold):
     hidden, weight, bias, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
-    ignore_index, slice_width = ctx.args
+    ignore_index, chunk_size, slice_width = ctx.args
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if grad_entropy is None:
         entropy = None
     grad_logp, grad_entropy = (kept_upstream(g, logp, threshold) for g in (grad_logp, grad_entropy))
     grad_hidden, grad_weight, grad_bias = torch.ops.fastrlhf.linear_logprobs_backward(
         hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp.contiguous(),
-        None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, slice_width, needs)
+        None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, chunk_size, slice_width, needs)
     return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
-            None, None, None, None, None, None)
+            *([None] * 8))
 
 
 linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

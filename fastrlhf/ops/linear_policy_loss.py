@@ -30,11 +30,13 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.linear_logprobs import _check_parameters, _chunk_logits, chunking
-from fastrlhf.ops.logprobs_local import acc_dtype, canonical, check_labels, backward_into, forward_local
+from fastrlhf.ops.linear_logprobs import _check_parameters, _chunk_logits, chunk_grads, chunking
+from fastrlhf.ops.logprobs_local import (acc_dtype, backward_into, canonical, check_labels, forward_local,
+                                         kept_upstream)
 from fastrlhf.ops.policy_loss import (METRICS, Options, Plan, finish_policy_loss, make_options, plan_policy_loss,
                                       policy_loss_tokens)
 from fastrlhf.ops.policy_loss import _canonical as _canonical_tokens
+from fastrlhf.ops.sampling_threshold import row_filters, threshold_into
 
 
 def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
@@ -47,7 +49,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
                        rollout_is_weights: Optional[Tensor] = None, aggregation: str = "token-mean",
                        kl_aggregation: Optional[str] = None, entropy_aggregation: Optional[str] = None,
                        num_tokens: float | Tensor | None = None, num_sequences: float | Tensor | None = None,
-                       horizon: Optional[float] = None, cu_seqlens: Optional[Tensor] = None):
+                       horizon: Optional[float] = None, cu_seqlens: Optional[Tensor] = None, top_k=None, top_p=None,
+                       min_p=None):
     """``fastrlhf.policy_loss(linear_logprobs(hidden, weight, labels, ...), old_logp, advantages, mask, ...)``
     without the ``[tokens, V]`` logits, its gradients formed during the forward.
 
@@ -65,6 +68,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             not depend on it beyond rounding.
         return_logp: also return the detached per-token log-probs (``[B, T]`` fp32, fp64 for fp64; 0 at
             ``ignore_index``), e.g. the next step's ``old_logp``.
+        top_k, top_p, min_p: the sampler's filters, as in ``fastrlhf.linear_logprobs``: the log-probs (and
+            entropy) are those of the kept distribution, each chunk's thresholds found from its logits. A scored
+            token whose label falls outside the kept set has log-prob ``-inf`` (``return_logp`` shows it) and
+            no gradient; its loss terms are what ``policy_loss`` makes of ``-inf`` (finite for ppo without KL,
+            infinite with a KL term): mask such tokens.
         Every other keyword is ``fastrlhf.policy_loss``'s (loss types, KL, IS weights, aggregation with global
         counts); the entropy term (``entropy_coef != 0``) uses the entropy of the same logits.
 
@@ -87,10 +95,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
             rollout_is_weights=rollout_is_weights, aggregation=aggregation, kl_aggregation=kl_aggregation,
             entropy_aggregation=entropy_aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
-            horizon=horizon, cu_seqlens=cu_seqlens)
+            horizon=horizon, cu_seqlens=cu_seqlens, top_k=top_k, top_p=top_p, min_p=min_p)
     _check_parameters(hidden, weight, bias)
     flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
     flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the GEMMs take [N, H]
+    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
     vocab = weight.shape[0]
     check_labels(flat_labels, ignore_index, vocab)
     acc = acc_dtype(hidden)
@@ -114,13 +123,13 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
         if cu_seqlens is not None and "seq-mean-token-sum-norm" in (aggregation, kl_aggregation, entropy_aggregation):
             raise ValueError("horizon: required with cu_seqlens for aggregation 'seq-mean-token-sum-norm'")
         horizon = labels.shape[-1] if cu_seqlens is None else 1
-    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, flat_hidden.shape[1])
+    chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, flat_hidden.shape[1], hidden.device)
     flat_logp = logp_like.view(-1)
     if loss_type == "gspo":
         # The sequence ratio needs every token's log-prob before any token's gradient: one more pass.
         flat_logp = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden.detach(), weight.detach(), None if bias
                                                                is None else bias.detach(), flat_labels, inv_temp,
-                                                               None, ignore_index, chunk, width)[0]
+                                                               *filters, ignore_index, chunk, width)[0]
     per_sequence = tuple(advantages.shape) != tuple(labels.shape)
     plan = plan_policy_loss(flat_logp, flat_old, flat_mask, offsets, labels.shape[1] if cu_seqlens is None else 0,
                             options, per_sequence,
@@ -128,7 +137,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
                             num_tokens, num_sequences, horizon)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, metrics, logp, *_ = torch.ops.fastrlhf.linear_policy_loss_forward(
-        flat_hidden, weight, bias, flat_labels, inv_temp, flat_old, flat_adv, flat_mask, flat_ref, flat_isw,
+        flat_hidden, weight, bias, flat_labels, inv_temp, *filters, flat_old, flat_adv, flat_mask, flat_ref, flat_isw,
         plan.offsets, plan.row_length, plan.advantages_per_sequence, plan.seq_weights, plan.seq_log_ratio, *plan.options,
         ignore_index, chunk, needs)
     metrics = {name: metrics[k] for k, name in enumerate(METRICS)}
@@ -143,20 +152,7 @@ def _as(acc, name, value):
     return value.detach().to(acc)
 
 
-def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` with ``out`` in the accumulation dtype. fp32/fp64 operands accumulate in place; bf16 and
-    fp16 operands keep their dtype (tensor cores on CUDA, fp32 accumulation inside the GEMM, no upcast copies):
-    on CUDA into ``out`` directly, on the CPU (no mixed-dtype GEMM) each chunk's product is rounded once to
-    the operands' dtype before it is added."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    elif out.is_cuda:
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-    else:
-        out += torch.mm(a, b)
-
-
-def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask, ref_logp, is_weights, offsets,
+def _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp, is_weights, offsets,
              row_length, advantages_per_sequence, seq_weights, seq_log_ratio, options: Options, ignore_index, chunk_size,
              needs_grad):
     need_hidden, need_weight, need_bias = needs_grad
@@ -170,10 +166,15 @@ def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask,
     grad_bias = torch.zeros(vocab if need_bias else 0, dtype=acc, device=weight.device)
     with_entropy = options.entropy_coef != 0
     partials = []
+    chunk_threshold = None if top_k is None else hidden.new_empty(min(chunk_size, tokens), dtype=acc)
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
         part_labels, part_inv_temp = labels[rows], inv_temp[rows]
-        logp[rows], entropy, lse = forward_local(logits, part_labels, part_inv_temp, None, ignore_index, 0,
-                                                             vocab)
+        threshold = None
+        if top_k is not None:
+            threshold = chunk_threshold[: logits.shape[0]]
+            threshold_into(logits, part_inv_temp, top_k[rows], top_p[rows], min_p[rows], threshold)
+        logp[rows], entropy, lse = forward_local(logits, part_labels, part_inv_temp, threshold, ignore_index, 0,
+                                                 vocab)
         entropy = entropy if with_entropy else None
         grad_logp, grad_entropy, part = policy_loss_tokens(
             logp[rows], old_logp[rows], advantages if advantages_per_sequence else advantages[rows], mask[rows],
@@ -183,32 +184,30 @@ def _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask,
         if not want_grads:
             continue
         # The buffer becomes G = d loss / d logits (logits' dtype), then three products with it.
-        backward_into(logits, logits, part_labels, part_inv_temp, None, lse, entropy, grad_logp, grad_entropy,
+        grad_logp, grad_entropy = (kept_upstream(g, logp[rows], threshold) for g in (grad_logp, grad_entropy))
+        backward_into(logits, logits, part_labels, part_inv_temp, threshold, lse, entropy, grad_logp, grad_entropy,
                       ignore_index, 0, vocab)
-        if need_hidden:
-            torch.mm(logits, weight, out=grad_hidden[rows])
-        if need_weight:
-            _accumulate_mm(grad_weight, logits.t(), hidden[rows])
-        if need_bias:
-            grad_bias += logits.sum(0, dtype=acc)
+        chunk_grads(logits, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, needs_grad)
     loss, metrics = finish_policy_loss(torch.cat(partials), options)
     return loss, metrics, logp, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @torch.library.custom_op("fastrlhf::linear_policy_loss_forward", mutates_args=())
 def linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                               inv_temp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                               inv_temp: Tensor, top_k: Optional[Tensor], top_p: Optional[Tensor],
+                               min_p: Optional[Tensor], old_logp: Tensor, advantages: Tensor, mask: Tensor,
                                ref_logp: Optional[Tensor], is_weights: Optional[Tensor], offsets: Tensor,
                                row_length: int, advantages_per_sequence: bool, seq_weights: Tensor, seq_log_ratio: Optional[Tensor],
                                loss_type: int, lower: float, upper: float, dual_clip: float, tau_pos: float,
                                tau_neg: float, kl_estimator: int, kl_straight: bool, kl_coef: float,
                                entropy_coef: float, ignore_index: int, chunk_size: int,
                                needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Flat ``[N, H]`` hidden states, ``[N]`` per-token inputs and a policy-loss plan (``Plan``, ``Options``).
+    """Flat ``[N, H]`` hidden states, ``[N]`` per-token inputs (``top_k``, ``top_p``, ``min_p``: the sampler's
+    filters, all three or none) and a policy-loss plan (``Plan``, ``Options``).
 
     Returns the 0-d loss, the fp32 metrics, the ``[N]`` log-probs and the gradients of the loss with respect
     to hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]`` (each ``[0]`` when not in ``needs_grad``)."""
-    return _forward(hidden, weight, bias, labels, inv_temp, old_logp, advantages, mask, ref_logp, is_weights,
+    return _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp, is_weights,
                     offsets, row_length, advantages_per_sequence, seq_weights, seq_log_ratio,
                     Options(loss_type, lower, upper, dual_clip, tau_pos, tau_neg, kl_estimator, kl_straight, kl_coef,
                             entropy_coef), ignore_index, chunk_size, needs_grad)
@@ -248,7 +247,7 @@ def _backward(ctx, grad_loss, *_unused):
         ctx.grads = torch.ops.fastrlhf.linear_policy_loss_forward(*inputs)[3:]
     grads, ctx.grads = ctx.grads, None
     needs_grad = ctx.layout[-1]
-    return (*(g.mul_(grad_loss) if need else None for g, need in zip(grads, needs_grad)), *([None] * 25))
+    return (*(g.mul_(grad_loss) if need else None for g, need in zip(grads, needs_grad)), *([None] * 28))
 
 
 linear_policy_loss_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, reference
-from fastrlhf.ops.logprobs_local import canonical, check_labels
+from fastrlhf.ops.logprobs_local import canonical, check_labels, with_kept
 from fastrlhf.ops.logprobs_parallel import parallel_logprobs
 from fastrlhf.ops.sampling_threshold import row_filters
 
@@ -83,11 +83,3 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float | Tensor = 1.
                                                                 ignore_index, 0, vocab, inplace_backward)
     return with_kept(logp.view(labels.shape), entropy.view(labels.shape), labels, ignore_index, return_entropy,
                      return_kept)
-
-
-def with_kept(logp, entropy, labels, ignore_index, return_entropy, return_kept):
-    """The outputs as ``logprobs`` returns them; ``kept``: the label could be drawn (or is ignored)."""
-    outputs = (logp, entropy) if return_entropy else (logp,)
-    if return_kept:
-        outputs = (*outputs, (logp.detach() > -torch.inf) | (labels == ignore_index))
-    return outputs if len(outputs) > 1 else outputs[0]

@@ -19,6 +19,14 @@ from fastrlhf import backend, checks
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def with_kept(logp, entropy, labels, ignore_index, return_entropy, return_kept):
+    """The outputs as ``logprobs`` returns them; ``kept``: the label could be drawn (or is ignored)."""
+    outputs = (logp, entropy) if return_entropy else (logp,)
+    if return_kept:
+        outputs = (*outputs, (logp.detach() > -torch.inf) | (labels == ignore_index))
+    return outputs if len(outputs) > 1 else outputs[0]
+
+
 def canonical(logits, labels, temperature):
     """Checks the arguments; returns ``[N, V]`` logits, ``[N]`` int64 labels and ``[N]`` 1/T (in the
     accumulation dtype: fp64 for fp64 logits, else fp32)."""

@@ -95,8 +95,15 @@ def _per_row(name, value, off, rows, like, integer):
 def sampling_threshold_op(logits: Tensor, inv_temp: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     """``[N]`` thresholds of ``[N, V]`` logits for ``[N]`` 1/T, top-k (int64), top-p and min-p."""
     threshold = backend.empty_outputs(inv_temp, 1)[0]
-    backend.kernels("sampling_threshold", logits).sampling_threshold(logits, inv_temp, top_k, top_p, min_p, threshold)
+    threshold_into(logits, inv_temp, top_k, top_p, min_p, threshold)
     return threshold
+
+
+def threshold_into(logits: Tensor, inv_temp: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
+                   out: Tensor) -> None:
+    """Runs the kernel of ``logits``' device, writing the ``[N]`` thresholds into ``out`` (a contiguous
+    ``[N]`` tensor in the accumulation dtype, e.g. a slice of a larger one)."""
+    backend.kernels("sampling_threshold", logits).sampling_threshold(logits, inv_temp, top_k, top_p, min_p, out)
 
 
 @sampling_threshold_op.register_fake

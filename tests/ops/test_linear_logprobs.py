@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrlhf
 from fastrlhf import backend, reference
-from fastrlhf.ops.linear_logprobs import chunking
+from fastrlhf.ops.linear_logprobs import accumulate_mm, budgets, chunking, mixed_precision_gemm
 
 F64 = torch.float64
 IGNORE = -100
@@ -161,12 +162,16 @@ def test_opcheck(kernel_backend):
     hidden, weight, bias, labels = inputs(9, 6, 23, seed=12)
     h, w, b = hidden.float(), weight.float(), bias.float()
     inv_temp = torch.full((9,), 1.25)
-    fwd = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, inv_temp, None, IGNORE, 4, 5)
+    fwd = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, inv_temp, None, None, None, IGNORE,
+           4, 5)
     torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_forward, fwd)
-    _, entropy, lse = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(), *fwd[3:])
+    _, entropy, lse, threshold = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(),
+                                                                            *fwd[3:])
+    assert threshold.shape == (0,)
     g = upstream_for(labels)
     for needs in ([True, True, True], [True, False, False]):
-        bwd = (h.detach(), w.detach(), b.detach(), labels, inv_temp, None, lse, entropy, g[0], g[1], IGNORE, 5, needs)
+        bwd = (h.detach(), w.detach(), b.detach(), labels, inv_temp, None, lse, entropy, g[0], g[1], IGNORE, 4, 5,
+               needs)
         torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_backward, bwd)
 
 
@@ -211,6 +216,44 @@ def test_chunking_rule():
     assert chunking(None, 100, 50, 8) == (32, 50)               # at most the vocabulary
     assert chunking(100, 50, 7, 4) == (50, 7)
     assert chunking(3, 50, 1000, 4) == (3, 60)                  # the backward slice holds as many logits
+    # CUDA: 1 GiB each way, still at most H tokens and H columns.
+    assert chunking(None, 16384, 151936, 4096, torch.device("cuda")) == (1766, 4096)
+    assert chunking(None, 16384, 32000, 2048, torch.device("cuda")) == (2048, 2048)
+    assert chunking(None, 4096, 32000, 1024, torch.device("cuda")) == chunking(None, 4096, 32000, 1024, "cuda")
+
+
+def test_gemm_plan_per_device():
+    """CUDA: GiB budgets and bf16/fp16 operands into fp32 accumulation; the CPU: MiB budgets and upcasts."""
+    assert budgets(torch.device("cuda")) == (1 << 30, 1 << 30)
+    assert budgets(torch.device("cpu")) == (128 << 20, 8 << 20)
+    assert mixed_precision_gemm(torch.device("cuda")) and not mixed_precision_gemm(torch.device("cpu"))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_accumulate_mm_runs_the_planned_gemm(monkeypatch, mixed):
+    """bf16 operands: one mixed-precision addmm (``out_dtype``) and no upcast copy where the plan says so (CUDA;
+    run here on meta tensors, which have that GEMM's shape rules), else upcast operands into an fp32 addmm."""
+    device = "meta" if mixed else "cpu"
+    monkeypatch.setattr("fastrlhf.ops.linear_logprobs.mixed_precision_gemm", lambda d: d.type == "meta")
+    out = torch.zeros(4, 3, device=device)
+    a, b = torch.randn(4, 8).bfloat16().to(device), torch.randn(8, 3).bfloat16().to(device)
+    with _Ops() as seen:
+        accumulate_mm(out, a, b)
+    if mixed:
+        assert seen.ops == ["aten.addmm.dtype_out"], seen.ops
+    else:
+        assert seen.ops == ["aten._to_copy.default", "aten._to_copy.default", "aten.addmm_.default"], seen.ops
+        torch.testing.assert_close(out, a.float() @ b.float())
 
 
 def test_empty_batch():
@@ -249,38 +292,3 @@ def test_device_mismatch_names_the_argument():
     hidden, weight, _, labels = inputs(6, 4, 9, seed=15)
     with pytest.raises(ValueError, match="weight: expected a tensor on cpu, got one on meta"):
         fastrlhf.linear_logprobs(hidden.float(), weight.float().to("meta"), labels)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 7])
-def test_kept_set_threshold_matches_unfused(kernel_backend, chunk_size):
-    """A per-row kept-set threshold (fastrlhf.logprobs' kernels' hook for top-k / top-p / min-p) reaches every
-    vocab slice of the backward: the same outputs and gradients as the log-prob op on the full logits."""
-    hidden, weight, bias, labels = inputs(30, 16, 301, seed=14)
-    h, w, b = (t.float() for t in (hidden, weight, bias))
-    inv_temp = torch.full((30,), 1 / 0.7)
-    values = (F.linear(h, w, b) * inv_temp[:, None]).sort(1, descending=True).values
-    k = torch.randint(1, 300, (30,), generator=torch.Generator().manual_seed(15))
-    threshold = (values.gather(1, k[:, None] - 1) + values.gather(1, k[:, None]))[:, 0] / 2
-    threshold[0] = -float("inf")
-    up = upstream_for(labels)
-    chunk, width = chunking(chunk_size, 30, 301, 16)
-
-    def fused(h, w, b):
-        return torch.ops.fastrlhf.linear_logprobs_forward(h, w, b, labels, inv_temp, threshold, IGNORE, chunk,
-                                                          width)[:2]
-
-    def unfused(h, w, b):
-        return torch.ops.fastrlhf.logprobs_forward(F.linear(h, w, b), labels, inv_temp, threshold, IGNORE, 0, 301,
-                                                   False)[:2]
-
-    results = []
-    for fn in (fused, unfused):
-        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-        logp, entropy = fn(*leaves)
-        grads = torch.autograd.grad((logp.masked_fill(logp == -float("inf"), 0) * up[0]).sum()
-                                    + (entropy * up[1]).sum(), leaves)
-        results.append([logp.detach(), entropy.detach(), *grads])
-    excluded = results[0][0] == -float("inf")
-    assert excluded.sum() > 3 and (~excluded & (labels != IGNORE)).sum() > 3
-    assert (results[0][2][excluded] == 0).all(), "rows whose label is outside the kept set get no gradient"
-    assert_close(*results)
