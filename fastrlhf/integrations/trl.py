@@ -10,12 +10,12 @@ Replaced in ``trl.trainer.utils`` (and in every TRL module that imported them):
   row_mask=None)``: both from one pass.
 - ``trl.kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
   final_logit_softcapping=None, logit_scale=1.0, outputs=<all>)``, the projection behind ``add_fused_lm_head``
-  (how GRPO, RLOO and DPO score tokens without the logits): ``fastrlhf.linear_logprobs`` when the outputs
-  asked for are log-probs and entropies (GRPO's policy and reference models, DPO's reference model), the
-  logits are neither soft-capped nor scaled, and hidden states, weight and bias share the compute dtype
-  (under autocast, its dtype). ``outputs`` defaults, as in TRL 1.16, to every optional output (entropy,
-  ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``); a call that asks for any of the last three (a
-  default call, DPO's policy), or ``cast_lm_head_to_fp32`` with a bf16 head, runs TRL's own kernel.
+  (how GRPO, RLOO and DPO score tokens without the logits): ``fastrlhf.linear_logprobs`` when the logits
+  are neither soft-capped nor scaled and hidden states, weight and bias share the compute dtype (under
+  autocast, its dtype). ``outputs`` defaults, as in TRL 1.16, to every optional output (entropy,
+  ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``): the last three come from the same pass over the
+  logits (``return_extras``), ``None`` where not asked for, as TRL returns them. Other calls
+  (soft-capping, a logit scale, ``cast_lm_head_to_fp32`` with a bf16 head) run TRL's own kernel.
   ``chunk_size``, TRL's vocabulary tile width, is accepted and not used: fastrlhf picks its own tiling.
   Its results are fp32 as TRL's are (fp64 hidden states give fp64, or fp32 with ``match_dtype``).
 
@@ -43,7 +43,6 @@ TESTED = ("1.16.",)
 MODULES = ("trl.trainer.utils", "trl.kernels.chunked_logprob")
 # ChunkedLogProbFunction's optional outputs (its default ``outputs``) and those linear_logprobs gives
 CHUNKED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-FUSED_HEAD_OUTPUTS = {"log_probs", "entropy"}
 MASKED = -100
 
 
@@ -134,13 +133,16 @@ def chunked_logprob_apply(original):
                     logit_scale=1.0, outputs=CHUNKED_OUTPUTS):
         device = hidden.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        if (not set(outputs) <= FUSED_HEAD_OUTPUTS or final_logit_softcapping is not None or logit_scale != 1.0
-                or not hidden.dtype == weight.dtype == compute or (bias is not None and bias.dtype != compute)):
+        if (final_logit_softcapping is not None or logit_scale != 1.0 or not hidden.dtype == weight.dtype == compute
+                or (bias is not None and bias.dtype != compute)):
             return original(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                             logit_scale, outputs)
+        extras = bool(set(outputs) & set(CHUNKED_OUTPUTS[1:]))
         with torch.autocast(device, enabled=False):
             out = fastrlhf.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                           return_entropy="entropy" in outputs)
-        logp, ent = out if isinstance(out, tuple) else (out, None)
-        return logp, ent, None, None, None
+                                           return_entropy=True, return_extras=extras)
+        logp, *rest = out
+        computed = dict(zip(CHUNKED_OUTPUTS, rest))
+        # TRL returns each optional output it was asked for, and None for the others.
+        return logp, *(computed[name] if name in outputs else None for name in CHUNKED_OUTPUTS)
     return replacement

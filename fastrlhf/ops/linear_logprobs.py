@@ -43,7 +43,8 @@ MIN_SLICE = 128     # vocab columns per backward slice
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float | Tensor = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                    chunk_size: Optional[int] = None, top_k=None, top_p=None, min_p=None, return_kept: bool = False):
+                    chunk_size: Optional[int] = None, top_k=None, top_p=None, min_p=None, return_kept: bool = False,
+                    return_extras: bool = False):
     """``fastrlhf.logprobs(hidden @ weight.T + bias, labels, ...)`` without ever holding all the logits.
 
     Args:
@@ -59,9 +60,14 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
         top_k, top_p, min_p, return_kept: the sampler's filters, as in ``fastrlhf.logprobs`` (numbers or
             tensors broadcastable to ``[...]``); each row's thresholds come from its chunk's logits, computed
             in hidden's dtype. The backward then walks the forward's token chunks instead of vocab slices.
+        return_extras: also return, from the same pass over each chunk's logits (not with the filters),
+            TRL's ``ChunkedLogProbFunction`` outputs, each ``[...]`` and not differentiable:
+            ``log_sum_sq_probs`` (``log sum_v p_v^2``, fp32), ``mean_logits`` (the mean of ``z = logits /
+            T``, fp32) and ``is_top1`` (bool: the label is the first arg-max of z); 0 / False at ignored rows.
 
     Returns:
-        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``, then ``kept`` if asked. The logits are computed in
+        ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``, then ``kept``, then the three
+        extras, if asked. The logits are computed in
         hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
         Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64).
         Peak memory is one chunk's logits plus the gradients themselves.
@@ -77,11 +83,17 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
     vocab = weight.shape[0]
     check_labels(flat_labels, ignore_index, vocab)
+    if return_extras and filters[0] is not None:
+        raise ValueError("return_extras: not computed with top_k, top_p or min_p (TRL's outputs are unfiltered)")
     chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1], hidden.device)
-    logp, entropy, _, _ = torch.ops.fastrlhf.linear_logprobs_forward(flat_hidden, weight, bias, flat_labels, inv_temp,
-                                                                      *filters, ignore_index, chunk, width)
-    return with_kept(logp.view(labels.shape), entropy.view(labels.shape), labels, ignore_index, return_entropy,
-                     return_kept)
+    logp, entropy, _, _, extras = torch.ops.fastrlhf.linear_logprobs_forward(
+        flat_hidden, weight, bias, flat_labels, inv_temp, *filters, ignore_index, chunk, width, return_extras)
+    outputs = with_kept(logp.view(labels.shape), entropy.view(labels.shape), labels, ignore_index, return_entropy,
+                        return_kept)
+    if not return_extras:
+        return outputs
+    log_sum_sq, mean_z, top1 = extras.to(torch.float32).view(3, *labels.shape)
+    return (*(outputs if isinstance(outputs, tuple) else (outputs,)), log_sum_sq, mean_z, top1 != 0)
 
 
 def budgets(device: torch.device) -> tuple[int, int]:
@@ -167,31 +179,37 @@ def _chunk_logits(hidden, weight, bias, step, by_vocab=False):
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                             inv_temp: Tensor, top_k: Optional[Tensor], top_p: Optional[Tensor],
                             min_p: Optional[Tensor], ignore_index: int, chunk_size: int,
-                            slice_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            slice_width: int, extras: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``[N]`` log-probs, entropies and logsumexps (saved for the backward) of ``[N, H]`` hidden states,
     ``chunk_size`` tokens at a time; ``slice_width`` is the backward's. ``top_k`` (int64), ``top_p``,
     ``min_p``: ``[N]`` sampler filters (``sampling_threshold.row_filters``), all three or none. Also returns
     the ``[N]`` kept-set thresholds found from each chunk's logits (saved for the backward), ``[0]`` without
-    filters."""
+    filters, and with ``extras`` the ``[3, N]`` extras of ``logprobs_local.forward_local`` (else ``[0]``)."""
     like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     logp, entropy, lse = backend.empty_outputs(like, 3)
     filtered = top_k is not None
     threshold = backend.empty_outputs(like, 1)[0] if filtered else like.new_empty(0)
+    row_extras = backend.empty_outputs(like.new_empty(3, like.shape[0]), 1)[0] if extras else like.new_empty(0)
     vocab = weight.shape[0]
     for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
         part_threshold = None
         if filtered:
             part_threshold = threshold[rows]
             threshold_into(logits, inv_temp[rows], top_k[rows], top_p[rows], min_p[rows], part_threshold)
+        part_extras = backend.empty_outputs(like.new_empty(3, logits.shape[0]), 1)[0] if extras else None
         logp[rows], entropy[rows], lse[rows] = forward_local(logits, labels[rows], inv_temp[rows], part_threshold,
-                                                             ignore_index, 0, vocab)
-    return logp, entropy, lse, threshold
+                                                             ignore_index, 0, vocab, part_extras)
+        if extras:
+            row_extras[:, rows] = part_extras
+    return logp, entropy, lse, threshold, row_extras
 
 
 @linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, ignore_index, chunk_size, slice_width):
+def _(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, ignore_index, chunk_size, slice_width,
+      extras=False):
     like = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
-    return like, torch.empty_like(like), torch.empty_like(like), like.new_empty(0 if top_k is None else like.shape[0])
+    return (like, torch.empty_like(like), torch.empty_like(like), like.new_empty(0 if top_k is None else like.shape[0]),
+            like.new_empty((3, like.shape[0]) if extras else (0,)))
 
 
 @torch.library.custom_op("fastrlhf::linear_logprobs_backward", mutates_args=())
@@ -264,14 +282,15 @@ def _(hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temp, top_k, _, _, ignore_index, chunk_size, slice_width = inputs
-    logp, entropy, lse, threshold = output
+    hidden, weight, bias, labels, inv_temp, top_k, _, _, ignore_index, chunk_size, slice_width, _ = inputs
+    logp, entropy, lse, threshold, extras = output
+    ctx.mark_non_differentiable(extras)
     ctx.save_for_backward(hidden, weight, bias, labels, inv_temp, None if top_k is None else threshold, logp, lse,
                           entropy)
     ctx.args = (ignore_index, chunk_size, slice_width)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_threshold):
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_threshold, _grad_extras):
     hidden, weight, bias, labels, inv_temp, threshold, logp, lse, entropy = ctx.saved_tensors
     ignore_index, chunk_size, slice_width = ctx.args
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
@@ -282,7 +301,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_threshold):
         hidden, weight, bias, labels, inv_temp, threshold, lse, entropy, grad_logp.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(), ignore_index, chunk_size, slice_width, needs)
     return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
-            *([None] * 8))
+            *([None] * 9))
 
 
 linear_logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -128,17 +128,42 @@ def head(dtype=torch.float32, N=40, H=16, V=301, seed=5):
 
 
 def test_chunked_logprob_defaults_to_every_output(monkeypatch):
-    """TRL 1.16's default ``outputs`` is every optional output: a call without it gets all five, as TRL's
-    own function gives them (on TRL's kernel until fastrlhf computes the last three)."""
+    """TRL 1.16's default ``outputs`` is every optional output: a call without it gets all five from fastrlhf
+    (the last three from the same pass over the logits), as TRL's own function gives them, with the same
+    gradients; TRL's kernel never runs."""
+    import trl.kernels.chunked_logprob as trl_kernel
     from trl.kernels import ChunkedLogProbFunction
 
     hidden, weight, targets = head()
-    want = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64)
+    targets[3] = (hidden[3] @ weight.T).argmax()  # at least one top-1 label
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    want = ChunkedLogProbFunction.apply(*leaves, None, targets, 0.7, 64)
+    want_grads = torch.autograd.grad(want[0].sum() + want[1].sum(), leaves)
+    monkeypatch.setattr(trl_kernel, "_forward_tile", None)  # TRL's own fold, which must not run
     with integration.patch():
-        got = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64)
+        got = ChunkedLogProbFunction.apply(*leaves, None, targets, 0.7, 64)
+        got_grads = torch.autograd.grad(got[0].sum() + got[1].sum(), leaves)
     assert len(got) == 5 and all(x is not None for x in got)
+    for name, x, y in zip(("log_probs", *integration.CHUNKED_OUTPUTS), got, want):
+        assert x.dtype == y.dtype, name
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
+    assert got[4].any()
+    for x, y in zip(got_grads, want_grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("outputs", [("log_probs", "is_top1"), ("log_probs", "mean_logits", "log_sum_sq_probs")])
+def test_chunked_logprob_returns_none_for_outputs_not_asked(outputs):
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight, targets = head()
+    want = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64, None, 1.0, outputs)
+    with integration.patch():
+        got = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64, None, 1.0, outputs)
     for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [7, 64, 4096])
@@ -170,4 +195,9 @@ def test_fused_lm_head_uses_linear_logprobs_only_where_it_covers(monkeypatch):
         fused_head_outputs(tiny_llama(outputs=("log_probs", "entropy")), ("log_probs",))
         assert calls == [1]
         mean_logits, _ = fused_head_outputs(tiny_llama(outputs=("log_probs", "mean_logits")), ("mean_logits",))
-        assert calls == [1] and mean_logits[0].abs().sum() > 0  # TRL's kernel gave what fastrlhf does not
+        assert calls == [1, 1] and mean_logits[0].abs().sum() > 0  # the extras come from fastrlhf too
+        from trl.kernels import ChunkedLogProbFunction
+
+        hidden, weight, targets = head()
+        ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 64, 30.0)
+        assert calls == [1, 1]  # soft-capped logits: TRL's kernel
