@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "checks.h"
+#include "sequences.h"
 
 namespace fastrlhf {
 namespace {
@@ -42,11 +42,6 @@ struct Options {
   bool kl_straight;  // "+": the value of the estimator, the gradient of k2
   T kl_coef, entropy_coef;
 };
-
-template <typename T>
-inline T clamp(T x, T lo, T hi) {
-  return std::min(std::max(x, lo), hi);
-}
 
 // Indicator of lo <= x <= hi: the gradient of torch.clamp (1 at the bounds, 0 outside and for NaN).
 template <typename T>
@@ -209,27 +204,6 @@ void token_pass(const Tokens& p, int64_t n, int64_t first, const int64_t* offset
       std::copy(sums, sums + NUM_PARTIALS, partials + block * NUM_PARTIALS);
     }
   });
-}
-
-const void* data_or_null(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* name) {
-  if (!t) return nullptr;
-  check_cpu_contiguous(*t, name);
-  check_dtype(*t, dtype, name);
-  TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
-  return t->data_ptr();
-}
-
-const int64_t* checked_offsets(const at::Tensor& offsets, int64_t first, int64_t n) {
-  check_cpu_contiguous(offsets, "offsets");
-  check_dtype(offsets, at::kLong, "offsets");
-  const int64_t rows = offsets.numel() - 1;
-  TORCH_CHECK(rows >= 1, "offsets: expected at least 2 elements");
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0, "offsets: expected to start at 0, got ", o[0]);
-  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values");
-  TORCH_CHECK(first >= 0 && first + n <= o[rows], "first: tokens [", first, ", ", first + n,
-              ") lie outside the sequences [0, ", o[rows], ")");
-  return o;
 }
 
 void policy_loss_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
