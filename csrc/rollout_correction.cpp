@@ -28,40 +28,40 @@ constexpr int NUM_METRICS = 6;
 // rs_bounds per level: k1's lower and upper bound (log space), k2's and k3's upper bound.
 constexpr int BOUNDS_PER_LEVEL = 4;
 
-template <typename T>
 struct Options {
   int64_t is_level;
   bool is_window;  // IcePop: zero weights outside [is_lo, is_hi]; else truncate at is_hi (TIS)
-  T is_lo, is_hi;
+  double is_lo, is_hi;
   int64_t rs_flags;  // bit 3 * level + kind (k1, k2, k3): the option is on
-  T bounds[NUM_RS_LEVELS * BOUNDS_PER_LEVEL];
+  double bounds[NUM_RS_LEVELS * BOUNDS_PER_LEVEL];
 };
 
 // Whether the k1/k2/k3 statistics pass the options of one level (NaN fails every option that reads it).
 template <typename T>
-inline bool passes(T k1, T k2, T k3, const Options<T>& o, int level) {
+inline bool passes(T k1, T k2, T k3, const Options& o, int level) {
   const int64_t flags = o.rs_flags >> (3 * level);
-  const T* b = o.bounds + BOUNDS_PER_LEVEL * level;
+  const double* b = o.bounds + BOUNDS_PER_LEVEL * level;
   return (!(flags & 1) || (k1 >= b[0] && k1 <= b[1])) && (!(flags & 2) || k2 <= b[2]) &&
          (!(flags & 4) || k3 <= b[3]);
 }
 
-// One sequence, tokens [begin, end): both passes, its outputs and its partial sums.
+// One sequence, tokens [begin, end): both passes, its outputs and its partial sums. Per-token arithmetic
+// in T (fp32, fp64 for fp64), sums in double: a sequence-level weight is exp of a sum of thousands of terms.
 template <typename scalar_t>
 void sequence(const scalar_t* old, const scalar_t* rollout, const bool* mask, int64_t begin, int64_t end,
-              const Options<at::opmath_type<scalar_t>>& o, bool sequence_pass, float* weights, bool* kept,
-              at::opmath_type<scalar_t>* partials) {
+              const Options& o, bool sequence_pass, float* weights, bool* kept, double* partials) {
   using T = at::opmath_type<scalar_t>;
-  const T inf = std::numeric_limits<T>::infinity(), bound = T(20);
+  const double inf = std::numeric_limits<double>::infinity();
+  const T bound = T(20);
   bool seq_ok = true;
   T seq_weight = T(1);
   if (sequence_pass) {
-    T count = 0, log_ratio = 0, k1 = 0, k2 = 0, k3 = 0, max_k2 = -inf, max_k3 = -inf;
+    double count = 0, log_ratio = 0, k1 = 0, k2 = 0, k3 = 0, max_k2 = -inf, max_k3 = -inf;
     for (int64_t i = begin; i < end; ++i) {
       if (!mask[i]) continue;  // never read: NaN or inf at a masked token changes nothing
       const T d = static_cast<T>(old[i]) - static_cast<T>(rollout[i]), safe = clamp(d, -bound, bound);
       const T t2 = T(0.5) * safe * safe, t3 = std::exp(safe) - T(1) - safe;
-      count += T(1);
+      count += 1;
       log_ratio += d;
       k1 -= safe;
       k2 += t2;
@@ -70,13 +70,13 @@ void sequence(const scalar_t* old, const scalar_t* rollout, const bool* mask, in
       max_k2 = (t2 > max_k2 || std::isnan(t2)) ? t2 : max_k2;
       max_k3 = (t3 > max_k3 || std::isnan(t3)) ? t3 : max_k3;
     }
-    if (count == T(0)) max_k2 = max_k3 = T(0);
-    const T n = std::max(count, T(1));
+    if (count == 0) max_k2 = max_k3 = 0;
+    const double n = std::max(count, 1.0);
     seq_ok = passes(k1, k2, k3, o, RS_SUM) && passes(k1 / n, k2 / n, k3 / n, o, RS_MEAN) &&
-             passes(T(0), max_k2, max_k3, o, RS_MAX);
-    seq_weight = std::exp(clamp(log_ratio, -bound, bound));
+             passes(0.0, max_k2, max_k3, o, RS_MAX);
+    seq_weight = std::exp(static_cast<T>(clamp(log_ratio, -20.0, 20.0)));
   }
-  T sums[NUM_PARTIALS] = {};
+  double sums[NUM_PARTIALS] = {};
   sums[WEIGHT_MIN] = inf;
   sums[WEIGHT_MAX] = -inf;
   for (int64_t i = begin; i < end; ++i) {
@@ -93,25 +93,24 @@ void sequence(const scalar_t* old, const scalar_t* rollout, const bool* mask, in
     if (o.is_level != IS_NONE) {
       // Selected, not min/max: a NaN weight stays NaN.
       clipped = o.is_window ? (w < o.is_lo || w > o.is_hi) : w > o.is_hi;
-      corrected = clipped ? (o.is_window ? T(0) : o.is_hi) : w;
+      corrected = clipped ? (o.is_window ? T(0) : static_cast<T>(o.is_hi)) : w;
     }
     const bool ok = seq_ok && passes(-safe, T(0.5) * safe * safe, e - T(1) - safe, o, RS_TOKEN);
     weights[i] = ok ? static_cast<float>(corrected) : 0.0f;
     kept[i] = ok;
-    sums[TOKENS] += T(1);
+    sums[TOKENS] += 1;
     sums[WEIGHT_SUM] += w;
     sums[WEIGHT_MIN] = (w < sums[WEIGHT_MIN] || std::isnan(w)) ? w : sums[WEIGHT_MIN];
     sums[WEIGHT_MAX] = (w > sums[WEIGHT_MAX] || std::isnan(w)) ? w : sums[WEIGHT_MAX];
     sums[CLIPPED] += clipped;
     sums[REJECTED] += !ok;
   }
-  sums[REJECTED_SEQUENCE] = sums[REJECTED] > T(0);
+  sums[REJECTED_SEQUENCE] = sums[REJECTED] > 0;
   std::copy(sums, sums + NUM_PARTIALS, partials);
 }
 
-// Combines the sequences' partial sums [S, NUM_PARTIALS] in sequence order (float64) into the metrics.
-template <typename T>
-void finish(const T* partials, int64_t rows, float* metrics) {
+// Combines the sequences' partial sums [S, NUM_PARTIALS] in sequence order into the metrics.
+void finish(const double* partials, int64_t rows, float* metrics) {
   double s[NUM_PARTIALS] = {};
   s[WEIGHT_MIN] = std::numeric_limits<double>::infinity();
   s[WEIGHT_MAX] = -std::numeric_limits<double>::infinity();
@@ -149,14 +148,13 @@ void rollout_correction(const at::Tensor& old_logp, const at::Tensor& rollout_lo
   float* w = static_cast<float*>(const_cast<void*>(data_or_null(weights, n, at::kFloat, "weights")));
   bool* k = static_cast<bool*>(const_cast<void*>(data_or_null(kept, n, at::kBool, "kept")));
   float* out = static_cast<float*>(const_cast<void*>(data_or_null(metrics, NUM_METRICS, at::kFloat, "metrics")));
+  Options opt{is_level, is_window, is_lo, is_hi, rs_flags, {}};
+  std::copy(rs_bounds.begin(), rs_bounds.end(), opt.bounds);
+  const bool sequence_pass = is_level == IS_SEQUENCE || (rs_flags >> 3) != 0;
+  std::vector<double> partials(rows * NUM_PARTIALS);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rollout_correction", [&] {
-    using T = at::opmath_type<scalar_t>;
     const auto* old = static_cast<const scalar_t*>(old_logp.data_ptr());
     const auto* rollout = static_cast<const scalar_t*>(data_or_null(rollout_logp, n, dtype, "rollout_logp"));
-    Options<T> opt{is_level, is_window, static_cast<T>(is_lo), static_cast<T>(is_hi), rs_flags, {}};
-    for (int j = 0; j < NUM_RS_LEVELS * BOUNDS_PER_LEVEL; ++j) opt.bounds[j] = static_cast<T>(rs_bounds[j]);
-    const bool sequence_pass = is_level == IS_SEQUENCE || (rs_flags >> 3) != 0;
-    std::vector<T> partials(rows * NUM_PARTIALS);
     // Grain: about 32k tokens per task on average.
     const int64_t grain = std::max<int64_t>(1, rows * (int64_t(1) << 15) / std::max<int64_t>(n, 1));
     at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
@@ -165,8 +163,8 @@ void rollout_correction(const at::Tensor& old_logp, const at::Tensor& rollout_lo
                            partials.data() + s * NUM_PARTIALS);
       }
     });
-    finish<T>(partials.data(), rows, out);
   });
+  finish(partials.data(), rows, out);
 }
 
 }  // namespace

@@ -5,7 +5,7 @@
   With ``SEQUENCE_PASS`` (sequence-level IS weights or a ``seq_*`` rejection option) it first sums the
   sequence's log-ratio and k1/k2/k3 statistics over its tiles, then, in a second loop over the same tiles
   (still in L2), writes each token's weight (fp32) and kept flag (bool) and the sequence's
-  ``len(PARTIALS)`` partial sums of the metrics (no atomics). Bytes-moved floor per token, fp32 inputs:
+  ``len(PARTIALS)`` partial sums of the metrics (fp64, no atomics). Bytes-moved floor per token, fp32 inputs:
   read old_logp, rollout_logp and the mask (9 B), write the weight and the kept flag (5 B): 14 B; the
   second loop re-reads 9 B from L2, not HBM.
 - ``finish_kernel``: one program combines the ``[S, len(PARTIALS)]`` partial sums in a fixed order (fp64)
@@ -13,7 +13,8 @@
 
 Offsets are int64; a program whose offsets are out of order or outside ``[0, N]`` (unchecked cu_seqlens on
 CUDA) reads nothing and writes NaN partial sums, so the metrics come out NaN. Scalar thresholds arrive as
-fp32 arguments (fp64 kernels upcast them). Minima and maxima propagate NaN on purpose (``tl.min`` and
+fp32 arguments (fp64 kernels upcast them). Per-token arithmetic is fp32 (fp64 for fp64); sums are fp64: a
+sequence-level weight is exp of a sum of thousands of terms. Minima and maxima propagate NaN on purpose (``tl.min`` and
 ``tl.max`` drop it): a NaN at an unmasked token shows in the metrics, as in the reference.
 """
 
@@ -33,7 +34,8 @@ NUM_WARPS = 4
 
 @triton.jit
 def _clamp(x, lo, hi):
-    return tl.minimum(tl.maximum(x, lo), hi)
+    """NaN stays NaN (as torch.clamp): a NaN log-ratio at an unmasked token gives a NaN weight."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -76,11 +78,11 @@ def sequences_kernel(old_ptr, rollout_ptr, mask_ptr, offsets_ptr, weights_ptr, k
     seq_ok = tl.full([], 1, tl.int1)
     seq_weight = tl.full([], 1.0, ACC)
     if SEQUENCE_PASS:
-        count = tl.zeros([BLOCK], ACC)
-        log_ratio = tl.zeros([BLOCK], ACC)
-        k1 = tl.zeros([BLOCK], ACC)
-        k2 = tl.zeros([BLOCK], ACC)
-        k3 = tl.zeros([BLOCK], ACC)
+        count = tl.zeros([BLOCK], tl.float64)
+        log_ratio = tl.zeros([BLOCK], tl.float64)
+        k1 = tl.zeros([BLOCK], tl.float64)
+        k2 = tl.zeros([BLOCK], tl.float64)
+        k3 = tl.zeros([BLOCK], tl.float64)
         max_k2 = tl.full([BLOCK], -float("inf"), ACC)
         max_k3 = tl.full([BLOCK], -float("inf"), ACC)
         for tile in range(start, end, BLOCK):
@@ -111,13 +113,13 @@ def sequences_kernel(old_ptr, rollout_ptr, mask_ptr, offsets_ptr, weights_ptr, k
                   & _passes(s1 * norm, s2 * norm, s3 * norm, mean_k1_lo, mean_k1_hi, mean_k2_hi, mean_k3_hi,
                             (RS_FLAGS >> 6) & 7)
                   & _passes(m2, m2, m3, max_k1_lo, max_k1_hi, max_k2_hi, max_k3_hi, (RS_FLAGS >> 9) & 7))
-        seq_weight = tl.exp(_clamp(tl.sum(log_ratio, 0), -20.0, 20.0))
-    tokens = tl.zeros([BLOCK], ACC)
-    weight_sum = tl.zeros([BLOCK], ACC)
+        seq_weight = tl.exp(_clamp(tl.sum(log_ratio, 0), -20.0, 20.0).to(ACC))
+    tokens = tl.zeros([BLOCK], tl.float64)
+    weight_sum = tl.zeros([BLOCK], tl.float64)
     weight_min = tl.full([BLOCK], float("inf"), ACC)
     weight_max = tl.full([BLOCK], -float("inf"), ACC)
-    clipped_sum = tl.zeros([BLOCK], ACC)
-    rejected = tl.zeros([BLOCK], ACC)
+    clipped_sum = tl.zeros([BLOCK], tl.float64)
+    rejected = tl.zeros([BLOCK], tl.float64)
     for tile in range(start, end, BLOCK):
         i = tile + lanes
         inside = i < end
@@ -185,7 +187,7 @@ def finish_kernel(partials_ptr, metrics_ptr, num_rows, BLOCK_K: tl.constexpr, PA
     norm = 1.0 / tl.maximum(tokens, 1.0)
     # METRICS: mean weight, min, max (0 without tokens), clipped and rejected token shares, rejected
     # sequences over all sequences; metric k is partial k + 1.
-    metric = tl.where(col == 1, total * norm, tl.where(is_min | is_max, tl.where(tokens > 0, total, 0.0),
+    metric = tl.where(col == 1, total * norm, tl.where(is_min | is_max, tl.where(tokens == 0, 0.0, total),
                                                           tl.where(col == 6, total / num_rows, total * norm)))
     tl.store(metrics_ptr + col - 1, metric.to(tl.float32), mask=(col >= 1) & (col < NUM_PARTIALS))
 
@@ -194,8 +196,7 @@ def rollout_correction(old_logp, rollout_logp, mask, offsets, is_level, is_windo
                        weights, kept, metrics):
     """Launches both kernels; arguments as ``torch.ops.fastrlhf_cpp.rollout_correction``."""
     rows = offsets.numel() - 1
-    partials = metrics.new_empty((rows, NUM_PARTIALS.value),
-                                 dtype=torch.float64 if old_logp.dtype == torch.float64 else torch.float32)
+    partials = metrics.new_empty((rows, NUM_PARTIALS.value), dtype=torch.float64)
     sequences_kernel[(rows,)](
         old_logp, rollout_logp, mask, offsets, weights, kept, partials, old_logp.numel(), is_lo, is_hi, *rs_bounds,
         IS_LEVEL=is_level, IS_WINDOW=is_window, RS_FLAGS=rs_flags,
