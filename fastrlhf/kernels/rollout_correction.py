@@ -1,7 +1,9 @@
 """Triton kernels of ``fastrlhf.rollout_correction`` (``fastrlhf/ops/rollout_correction.py``; the C++ kernels in
 ``csrc/rollout_correction.cpp`` compute the same).
 
-- ``sequences_kernel``: one program per sequence (B=512 sequences: 512 programs, ~4 per SM of an H100).
+- ``sequences_kernel``: one program per sequence (B=512 sequences: 512 programs on 132 SMs; at 80-106
+  registers per thread and 128 threads, 4 programs fit on an SM at once, so all 512 run in one wave). Each
+  loops over its sequence in tiles of ``BLOCK_TOKENS``; a few long packed sequences fill fewer SMs.
   With ``SEQUENCE_PASS`` (sequence-level IS weights or a ``seq_*`` rejection option) it first sums the
   sequence's log-ratio and k1/k2/k3 statistics over its tiles, then, in a second loop over the same tiles
   (still in L2), writes each token's weight (fp32) and kept flag (bool) and the sequence's
@@ -28,7 +30,7 @@ import triton.language as tl
 IS_NONE, IS_TOKEN, IS_SEQUENCE = (tl.constexpr(code) for code in range(3))
 NUM_PARTIALS = tl.constexpr(7)
 PARTIALS_PAD = 8
-BLOCK_TOKENS = 1024
+BLOCK_TOKENS = 512
 NUM_WARPS = 4
 
 
@@ -203,3 +205,29 @@ def rollout_correction(old_logp, rollout_logp, mask, offsets, is_level, is_windo
         SEQUENCE_PASS=is_level == IS_SEQUENCE.value or (rs_flags >> 3) != 0, BLOCK=BLOCK_TOKENS,
         num_warps=NUM_WARPS)
     finish_kernel[(1,)](partials, metrics, rows, BLOCK_K=64, PAD=PARTIALS_PAD, num_warps=4)
+
+
+def aot_cases():
+    """(label, launch) pairs for ``fastrlhf.kernels.compile``: ``fastrlhf.rollout_correction`` as trainers call
+    it (sequence-level TIS with a rejection chain: two passes; token-level IcePop with a token option: one
+    pass; packed input), fp32 and bf16, so the compiled variants are those these launch."""
+    import fastrlhf
+
+    def launch(dtype, options, packed):
+        def run():
+            shape = (96,) if packed else (4, 24)
+            rollout = -torch.rand(shape).to(dtype)
+            old = (rollout + 0.1 * torch.randn(shape)).to(dtype)
+            extra = {"cu_seqlens": torch.tensor([0, 30, 70, 96])} if packed else {}
+            fastrlhf.rollout_correction(old, rollout, torch.rand(shape) < 0.9, **options, **extra)
+        return run
+
+    two_pass = dict(is_level="sequence", is_threshold=2.0, rs="token_k1,seq_mean_k3,seq_max_k2",
+                    rs_threshold="0.5_2.0,0.01,0.1")
+    one_pass = dict(is_level="token", is_threshold=(0.5, 2.0), rs="token_k2", rs_threshold=0.1)
+    return [(f"rollout_correction {label}{' packed' if packed else ''} {str(dtype).removeprefix('torch.')}",
+             launch(dtype, options, packed))
+            for dtype in (torch.float32, torch.bfloat16)
+            for label, options, packed in (("sequence TIS + rs chain", two_pass, False),
+                                           ("token IcePop + token_k2", one_pass, False),
+                                           ("sequence TIS + rs chain", two_pass, True))]
