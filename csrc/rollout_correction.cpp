@@ -8,8 +8,7 @@
 // sequence's partial sums of the metrics. The sequence's tokens are still in cache for the second pass.
 // The partial sums of the sequences are combined in sequence order (float64), so results do not depend
 // on the number of threads.
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include "logits.h"  // first: it picks the vector ISA
 
 #include <cmath>
 #include <limits>
@@ -45,65 +44,160 @@ inline bool passes(T k1, T k2, T k3, const Options& o, int level) {
          (!(flags & 4) || k3 <= b[3]);
 }
 
-// One sequence, tokens [begin, end): both passes, its outputs and its partial sums. Per-token arithmetic
-// in T (fp32, fp64 for fp64), sums in double: a sequence-level weight is exp of a sum of thousands of terms.
+// Adds acc's lanes to sum in lane order, then zeroes acc.
+template <typename T>
+inline void add_lanes(double& sum, Vec<T>& acc) {
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  for (int64_t j = 0; j < Vec<T>::size(); ++j) sum += lanes[j];
+  acc = Vec<T>(0);
+}
+
+// A mask vector (all bits set) where the token-level options pass; NaN fails every option that reads it.
+template <typename T>
+inline Vec<T> passes_token(const Vec<T>& safe, const Vec<T>& t2, const Vec<T>& t3, const Options& o) {
+  using V = Vec<T>;
+  const int64_t flags = o.rs_flags >> (3 * RS_TOKEN);
+  const double* b = o.bounds + BOUNDS_PER_LEVEL * RS_TOKEN;
+  V ok = V(0) == V(0);
+  if (flags & 1) ok = ok & (-safe >= V(static_cast<T>(b[0]))) & (-safe <= V(static_cast<T>(b[1])));
+  if (flags & 2) ok = ok & (t2 <= V(static_cast<T>(b[2])));
+  if (flags & 4) ok = ok & (t3 <= V(static_cast<T>(b[3])));
+  return ok;
+}
+
+// One sequence, tokens [begin, end): both passes, its outputs and its partial sums, two vectors of T (fp32,
+// fp64 for fp64) per step. Per-token arithmetic in T; sums in double (lanes are added every few steps): a
+// sequence-level weight is exp of a sum of thousands of terms.
 template <typename scalar_t>
 void sequence(const scalar_t* old, const scalar_t* rollout, const bool* mask, int64_t begin, int64_t end,
               const Options& o, bool sequence_pass, float* weights, bool* kept, double* partials) {
-  using T = at::opmath_type<scalar_t>;
-  const double inf = std::numeric_limits<double>::infinity();
-  const T bound = T(20);
+  using T = acc_type<scalar_t>;
+  using V = Vec<T>;
+  constexpr int64_t L = V::size(), STEP = 2 * L, FLUSH = 4;  // steps between additions of lanes to doubles
+  const V zero(0), one(1), bound(20), inf(std::numeric_limits<T>::infinity());
+  // The last, partial step runs on copies padded with masked tokens.
+  scalar_t old_tail[STEP], rollout_tail[STEP];
+  bool mask_tail[STEP], kept_tail[STEP];
+  float weights_tail[STEP];
+  auto for_steps = [&](auto&& step) {
+    int64_t i = begin;
+    for (; i + STEP <= end; i += STEP) step(old + i, rollout + i, mask + i, weights + i, kept + i);
+    if (i == end) return;
+    const int64_t n = end - i;
+    std::fill(std::copy(old + i, old + end, old_tail), old_tail + STEP, scalar_t(0));
+    std::fill(std::copy(rollout + i, rollout + end, rollout_tail), rollout_tail + STEP, scalar_t(0));
+    std::fill(std::copy(mask + i, mask + end, mask_tail), mask_tail + STEP, false);
+    step(old_tail, rollout_tail, mask_tail, weights_tail, kept_tail);
+    std::copy(weights_tail, weights_tail + n, weights + i);
+    std::copy(kept_tail, kept_tail + n, kept + i);
+  };
+  // Per half step: the kept-token mask vector and the clamped log-ratio (0 at masked tokens, which are
+  // selected away, never multiplied: NaN or inf there changes nothing).
+  auto load = [&](const scalar_t* old_p, const scalar_t* rollout_p, const bool* mask_p, V (&m)[2], V (&d)[2]) {
+    auto [old_lo, old_hi] = load_acc<scalar_t>(old_p);
+    auto [rollout_lo, rollout_hi] = load_acc<scalar_t>(rollout_p);
+    T lanes[STEP];
+    for (int64_t j = 0; j < STEP; ++j) lanes[j] = mask_p[j] ? T(1) : T(0);
+    m[0] = V::loadu(lanes) != zero;
+    m[1] = V::loadu(lanes + L) != zero;
+    d[0] = V::blendv(zero, old_lo - rollout_lo, m[0]);
+    d[1] = V::blendv(zero, old_hi - rollout_hi, m[1]);
+  };
+  auto clamped = [&](const V& d) { return at::vec::minimum(at::vec::maximum(d, -bound), bound); };
+
   bool seq_ok = true;
   T seq_weight = T(1);
   if (sequence_pass) {
-    double count = 0, log_ratio = 0, k1 = 0, k2 = 0, k3 = 0, max_k2 = -inf, max_k3 = -inf;
-    for (int64_t i = begin; i < end; ++i) {
-      if (!mask[i]) continue;  // never read: NaN or inf at a masked token changes nothing
-      const T d = static_cast<T>(old[i]) - static_cast<T>(rollout[i]), safe = clamp(d, -bound, bound);
-      const T t2 = T(0.5) * safe * safe, t3 = std::exp(safe) - T(1) - safe;
-      count += 1;
-      log_ratio += d;
-      k1 -= safe;
-      k2 += t2;
-      k3 += t3;
-      // NaN-propagating maxima: a NaN statistic rejects the sequence, as in the reference.
-      max_k2 = (t2 > max_k2 || std::isnan(t2)) ? t2 : max_k2;
-      max_k3 = (t3 > max_k3 || std::isnan(t3)) ? t3 : max_k3;
+    double count = 0, log_ratio = 0, k1 = 0, k2 = 0, k3 = 0;
+    V count_acc(0), log_ratio_acc(0), k1_acc(0), k2_acc(0), k3_acc(0), max_k2(-inf), max_k3(-inf);
+    int64_t steps = 0;
+    auto flush = [&] {
+      add_lanes(count, count_acc), add_lanes(log_ratio, log_ratio_acc), add_lanes(k1, k1_acc);
+      add_lanes(k2, k2_acc), add_lanes(k3, k3_acc);
+    };
+    for_steps([&](const scalar_t* old_p, const scalar_t* rollout_p, const bool* mask_p, float*, bool*) {
+      V m[2], d[2];
+      load(old_p, rollout_p, mask_p, m, d);
+      for (int h = 0; h < 2; ++h) {
+        const V safe = clamped(d[h]), t2 = V(T(0.5)) * safe * safe, t3 = safe.exp() - one - safe;
+        count_acc += V::blendv(zero, one, m[h]);
+        log_ratio_acc += d[h];
+        k1_acc -= safe;
+        k2_acc += t2;
+        k3_acc += t3;
+        // maximum propagates NaN: a NaN statistic rejects the sequence, as in the reference.
+        max_k2 = at::vec::maximum(max_k2, V::blendv(-inf, t2, m[h]));
+        max_k3 = at::vec::maximum(max_k3, V::blendv(-inf, t3, m[h]));
+      }
+      if (++steps % FLUSH == 0) flush();
+    });
+    flush();
+    double largest_k2 = -std::numeric_limits<double>::infinity(), largest_k3 = largest_k2;
+    T lanes2[L], lanes3[L];
+    max_k2.store(lanes2);
+    max_k3.store(lanes3);
+    for (int64_t j = 0; j < L; ++j) {
+      largest_k2 = (lanes2[j] > largest_k2 || std::isnan(lanes2[j])) ? lanes2[j] : largest_k2;
+      largest_k3 = (lanes3[j] > largest_k3 || std::isnan(lanes3[j])) ? lanes3[j] : largest_k3;
     }
-    if (count == 0) max_k2 = max_k3 = 0;
+    if (count == 0) largest_k2 = largest_k3 = 0;
     const double n = std::max(count, 1.0);
     seq_ok = passes(k1, k2, k3, o, RS_SUM) && passes(k1 / n, k2 / n, k3 / n, o, RS_MEAN) &&
-             passes(0.0, max_k2, max_k3, o, RS_MAX);
+             passes(0.0, largest_k2, largest_k3, o, RS_MAX);
     seq_weight = std::exp(static_cast<T>(clamp(log_ratio, -20.0, 20.0)));
   }
+
+  const bool token_options = (o.rs_flags & 7) != 0;
+  const V lo(static_cast<T>(o.is_lo)), hi(static_cast<T>(o.is_hi)), truncated = o.is_window ? zero : hi;
   double sums[NUM_PARTIALS] = {};
-  sums[WEIGHT_MIN] = inf;
-  sums[WEIGHT_MAX] = -inf;
-  for (int64_t i = begin; i < end; ++i) {
-    if (!mask[i]) {
-      weights[i] = 0.0f;
-      kept[i] = false;
-      continue;
+  V tokens_acc(0), weight_acc(0), clipped_acc(0), rejected_acc(0), weight_min(inf), weight_max(-inf);
+  int64_t steps = 0;
+  auto flush = [&] {
+    add_lanes(sums[TOKENS], tokens_acc), add_lanes(sums[WEIGHT_SUM], weight_acc);
+    add_lanes(sums[CLIPPED], clipped_acc), add_lanes(sums[REJECTED], rejected_acc);
+  };
+  for_steps([&](const scalar_t* old_p, const scalar_t* rollout_p, const bool* mask_p, float* weights_p,
+                bool* kept_p) {
+    V m[2], d[2];
+    load(old_p, rollout_p, mask_p, m, d);
+    T out[STEP], flags[STEP];
+    for (int h = 0; h < 2; ++h) {
+      const V safe = clamped(d[h]), e = safe.exp();
+      const V w = o.is_level == IS_TOKEN ? e : V(o.is_level == IS_SEQUENCE ? seq_weight : T(1));
+      V clipped = zero, corrected = w;
+      if (o.is_level != IS_NONE) {
+        // Selected, not min/max: a NaN weight stays NaN.
+        clipped = o.is_window ? ((w < lo) | (w > hi)) : (w > hi);
+        corrected = V::blendv(w, truncated, clipped);
+      }
+      V ok = seq_ok ? (zero == zero) : (zero != zero);
+      if (seq_ok && token_options) ok = passes_token(safe, V(T(0.5)) * safe * safe, e - one - safe, o);
+      const V final_ = ok & m[h];
+      V::blendv(zero, corrected, final_).store(out + h * L);
+      V::blendv(zero, one, final_).store(flags + h * L);
+      tokens_acc += V::blendv(zero, one, m[h]);
+      weight_acc += V::blendv(zero, w, m[h]);
+      weight_min = at::vec::minimum(weight_min, V::blendv(inf, w, m[h]));
+      weight_max = at::vec::maximum(weight_max, V::blendv(-inf, w, m[h]));
+      clipped_acc += V::blendv(zero, one, clipped & m[h]);
+      rejected_acc += V::blendv(one, zero, ok) & m[h];
     }
-    const T safe = clamp(static_cast<T>(old[i]) - static_cast<T>(rollout[i]), -bound, bound);
-    const T e = std::exp(safe);
-    const T w = o.is_level == IS_TOKEN ? e : (o.is_level == IS_SEQUENCE ? seq_weight : T(1));
-    bool clipped = false;
-    T corrected = w;
-    if (o.is_level != IS_NONE) {
-      // Selected, not min/max: a NaN weight stays NaN.
-      clipped = o.is_window ? (w < o.is_lo || w > o.is_hi) : w > o.is_hi;
-      corrected = clipped ? (o.is_window ? T(0) : static_cast<T>(o.is_hi)) : w;
+    for (int64_t j = 0; j < STEP; ++j) {
+      weights_p[j] = static_cast<float>(out[j]);
+      kept_p[j] = flags[j] != T(0);
     }
-    const bool ok = seq_ok && passes(-safe, T(0.5) * safe * safe, e - T(1) - safe, o, RS_TOKEN);
-    weights[i] = ok ? static_cast<float>(corrected) : 0.0f;
-    kept[i] = ok;
-    sums[TOKENS] += 1;
-    sums[WEIGHT_SUM] += w;
-    sums[WEIGHT_MIN] = (w < sums[WEIGHT_MIN] || std::isnan(w)) ? w : sums[WEIGHT_MIN];
-    sums[WEIGHT_MAX] = (w > sums[WEIGHT_MAX] || std::isnan(w)) ? w : sums[WEIGHT_MAX];
-    sums[CLIPPED] += clipped;
-    sums[REJECTED] += !ok;
+    if (++steps % FLUSH == 0) flush();
+  });
+  flush();
+  T lanes_min[L], lanes_max[L];
+  weight_min.store(lanes_min);
+  weight_max.store(lanes_max);
+  sums[WEIGHT_MIN] = std::numeric_limits<double>::infinity();
+  sums[WEIGHT_MAX] = -sums[WEIGHT_MIN];
+  for (int64_t j = 0; j < L; ++j) {
+    sums[WEIGHT_MIN] = (lanes_min[j] < sums[WEIGHT_MIN] || std::isnan(lanes_min[j])) ? lanes_min[j] : sums[WEIGHT_MIN];
+    sums[WEIGHT_MAX] = (lanes_max[j] > sums[WEIGHT_MAX] || std::isnan(lanes_max[j])) ? lanes_max[j] : sums[WEIGHT_MAX];
   }
   sums[REJECTED_SEQUENCE] = sums[REJECTED] > 0;
   std::copy(sums, sums + NUM_PARTIALS, partials);
@@ -152,7 +246,7 @@ void rollout_correction(const at::Tensor& old_logp, const at::Tensor& rollout_lo
   std::copy(rs_bounds.begin(), rs_bounds.end(), opt.bounds);
   const bool sequence_pass = is_level == IS_SEQUENCE || (rs_flags >> 3) != 0;
   std::vector<double> partials(rows * NUM_PARTIALS);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rollout_correction", [&] {
+  DISPATCH_LOGITS(dtype, "rollout_correction", [&] {
     const auto* old = static_cast<const scalar_t*>(old_logp.data_ptr());
     const auto* rollout = static_cast<const scalar_t*>(data_or_null(rollout_logp, n, dtype, "rollout_logp"));
     // Grain: about 32k tokens per task on average.
