@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels.partials import combine_partials, nan_max, nan_min
+
 # Codes shared with fastrlhf/ops/rollout_correction.py (IS_LEVELS, PARTIALS).
 IS_NONE, IS_TOKEN, IS_SEQUENCE = (tl.constexpr(code) for code in range(3))
 NUM_PARTIALS = tl.constexpr(7)
@@ -51,16 +53,6 @@ def _passes(k1, k2, k3, k1_lo, k1_hi, k2_hi, k3_hi, FLAGS: tl.constexpr):
     if FLAGS & 4:
         ok = ok & (k3 <= k3_hi)
     return ok
-
-
-@triton.jit
-def _nan_min(x, axis: tl.constexpr):
-    return tl.where(tl.sum(tl.where(x != x, 1, 0), axis) > 0, float("nan"), tl.min(x, axis))
-
-
-@triton.jit
-def _nan_max(x, axis: tl.constexpr):
-    return tl.where(tl.sum(tl.where(x != x, 1, 0), axis) > 0, float("nan"), tl.max(x, axis))
 
 
 @triton.jit
@@ -109,8 +101,8 @@ def sequences_kernel(old_ptr, rollout_ptr, mask_ptr, offsets_ptr, weights_ptr, k
         s1 = tl.sum(k1, 0)
         s2 = tl.sum(k2, 0)
         s3 = tl.sum(k3, 0)
-        m2 = tl.where(c > 0, _nan_max(max_k2, 0), 0.0)
-        m3 = tl.where(c > 0, _nan_max(max_k3, 0), 0.0)
+        m2 = tl.where(c > 0, nan_max(max_k2, 0), 0.0)
+        m3 = tl.where(c > 0, nan_max(max_k3, 0), 0.0)
         seq_ok = (_passes(s1, s2, s3, sum_k1_lo, sum_k1_hi, sum_k2_hi, sum_k3_hi, (RS_FLAGS >> 3) & 7)
                   & _passes(s1 * norm, s2 * norm, s3 * norm, mean_k1_lo, mean_k1_hi, mean_k2_hi, mean_k3_hi,
                             (RS_FLAGS >> 6) & 7)
@@ -162,8 +154,8 @@ def sequences_kernel(old_ptr, rollout_ptr, mask_ptr, offsets_ptr, weights_ptr, k
     r = tl.sum(rejected, 0)
     tl.store(base + 0, tl.sum(tokens, 0) + poison)
     tl.store(base + 1, tl.sum(weight_sum, 0) + poison)
-    tl.store(base + 2, _nan_min(weight_min, 0) + poison)
-    tl.store(base + 3, _nan_max(weight_max, 0) + poison)
+    tl.store(base + 2, nan_min(weight_min, 0) + poison)
+    tl.store(base + 3, nan_max(weight_max, 0) + poison)
     tl.store(base + 4, tl.sum(clipped_sum, 0) + poison)
     tl.store(base + 5, r + poison)
     tl.store(base + 6, tl.where(r > 0, 1.0, 0.0) + poison)
@@ -174,17 +166,7 @@ def finish_kernel(partials_ptr, metrics_ptr, num_rows, BLOCK_K: tl.constexpr, PA
     col = tl.arange(0, PAD)
     is_min = col == 2
     is_max = col == 3
-    init = tl.where(is_min, float("inf"), tl.where(is_max, -float("inf"), 0.0)).to(tl.float64)
-    acc = tl.zeros([BLOCK_K, PAD], tl.float64) + init[None, :]
-    for start in range(0, num_rows, BLOCK_K):
-        row = start + tl.arange(0, BLOCK_K)
-        ok = (row[:, None] < num_rows) & (col[None, :] < NUM_PARTIALS)
-        p = tl.load(partials_ptr + row[:, None].to(tl.int64) * NUM_PARTIALS + col[None, :], mask=ok, other=0.0)
-        p = tl.where(ok, p.to(tl.float64), init[None, :])
-        nan = p != p
-        acc = tl.where(is_min[None, :], tl.where(nan | (p < acc), p, acc),
-                       tl.where(is_max[None, :], tl.where(nan | (p > acc), p, acc), acc + p))
-    total = tl.where(is_min, _nan_min(acc, 0), tl.where(is_max, _nan_max(acc, 0), tl.sum(acc, 0)))
+    total = combine_partials(partials_ptr, num_rows, NUM_PARTIALS, 2, 3, True, BLOCK_K, PAD)
     tokens = tl.sum(tl.where(col == 0, total, 0.0), 0)
     norm = 1.0 / tl.maximum(tokens, 1.0)
     # METRICS: mean weight, min, max (0 without tokens), clipped and rejected token shares, rejected
