@@ -41,17 +41,6 @@ constexpr int64_t TILE = 2048;
 template <typename acc_t>
 constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
 
-// Two accumulation vectors from STEP consecutive elements.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-inline std::pair<Vec<acc_t>, Vec<acc_t>> load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return {Vec<acc_t>::loadu(p), Vec<acc_t>::loadu(p + Vec<acc_t>::size())};
-  } else {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-    return {lo, hi};
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 inline void store_acc(scalar_t* p, const Vec<acc_t>& lo, const Vec<acc_t>& hi) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {

@@ -18,7 +18,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "checks.h"
+#include "sequences.h"
 
 namespace fastrlhf {
 namespace {
@@ -268,27 +268,6 @@ void token_pass(const Tokens& p, int64_t n, int64_t first, const int64_t* offset
   });
 }
 
-const void* data_or_null(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* name) {
-  if (!t) return nullptr;
-  check_cpu_contiguous(*t, name);
-  check_dtype(*t, dtype, name);
-  TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
-  return t->data_ptr();
-}
-
-const int64_t* checked_offsets(const at::Tensor& offsets, int64_t first, int64_t n) {
-  check_cpu_contiguous(offsets, "offsets");
-  check_dtype(offsets, at::kLong, "offsets");
-  const int64_t rows = offsets.numel() - 1;
-  TORCH_CHECK(rows >= 1, "offsets: expected at least 2 elements");
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0, "offsets: expected to start at 0, got ", o[0]);
-  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(o[i] <= o[i + 1], "offsets: expected non-decreasing values");
-  TORCH_CHECK(first >= 0 && first + n <= o[rows], "first: tokens [", first, ", ", first + n,
-              ") lie outside the sequences [0, ", o[rows], ")");
-  return o;
-}
-
 void policy_loss_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& ref_logp,
                         const c10::optional<at::Tensor>& entropy, const c10::optional<at::Tensor>& is_weights,
@@ -362,7 +341,7 @@ void sequence_pass(const scalar_t* lp, const scalar_t* old, const bool* keep, co
         const bool k = !keep || keep[i];
         count += k;
         // Selected, not multiplied: NaN at a masked token stays out.
-        if (lp) sum += k ? std::clamp(static_cast<acc_t>(lp[i]) - static_cast<acc_t>(old[i]), acc_t(-20), acc_t(20)) : acc_t(0);
+        if (lp) sum += k ? clamp(static_cast<acc_t>(lp[i]) - static_cast<acc_t>(old[i]), acc_t(-20), acc_t(20)) : acc_t(0);
       }
       counts[s] = count;
       if (seq_log_ratio) seq_log_ratio[s] = sum / std::max(count, acc_t(1));

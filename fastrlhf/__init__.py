@@ -8,9 +8,9 @@ from fastrlhf.ops.linear_policy_loss import linear_policy_loss
 from fastrlhf.ops.logprobs import logprobs
 from fastrlhf.ops.pairwise import dpo_loss, pairwise_sigmoid_loss, reward_model_loss
 from fastrlhf.ops.policy_loss import policy_loss
+from fastrlhf.ops.rollout_correction import rollout_correction
 from fastrlhf.ops.sampling_threshold import sampling_threshold
 from fastrlhf.ops.whiten import masked_whiten
-from fastrlhf.reference.rollout_correction import rollout_correction
 
 __all__ = ["BACKENDS", "dpo_loss", "gae", "group_advantages", "linear_logprobs", "linear_policy_loss", "logprobs",
            "masked_whiten", "pairwise_sigmoid_loss", "policy_loss", "reward_model_loss", "rollout_correction",

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels.partials import combine_partials
+
 # Codes shared with fastrlhf/ops/policy_loss.py (LOSS_TYPES, KL_ESTIMATORS, PARTIALS).
 PPO, GSPO, CISPO, SAPO, REINFORCE = (tl.constexpr(code) for code in range(5))
 K1, ABS, K2, K3 = (tl.constexpr(code) for code in range(4))
@@ -226,20 +228,8 @@ def sequences_kernel(lp_ptr, old_ptr, mask_ptr, offsets_ptr, counts_ptr, seq_lr_
 def finish_kernel(partials_ptr, loss_ptr, metrics_ptr, num_rows, kl_coef, entropy_coef, BLOCK_K: tl.constexpr,
                   PAD: tl.constexpr):
     col = tl.arange(0, PAD)
-    is_min = col == 11
-    is_max = col == 12
-    init = tl.where(is_min, float("inf"), tl.where(is_max, -float("inf"), 0.0)).to(tl.float64)
-    acc = tl.zeros([BLOCK_K, PAD], tl.float64) + init[None, :]
-    for start in range(0, num_rows, BLOCK_K):
-        row = start + tl.arange(0, BLOCK_K)
-        ok = (row[:, None] < num_rows) & (col[None, :] < NUM_PARTIALS)
-        p = tl.load(partials_ptr + row[:, None].to(tl.int64) * NUM_PARTIALS + col[None, :], mask=ok, other=0.0)
-        p = tl.where(ok, p.to(tl.float64), init[None, :])
-        acc = tl.where(is_min[None, :], tl.minimum(acc, p), tl.where(is_max[None, :], tl.maximum(acc, p), acc + p))
-    sums = tl.sum(tl.where(is_min[None, :] | is_max[None, :], 0.0, acc), 0)
-    low = tl.min(acc, 0)
-    high = tl.max(acc, 0)
-    total = tl.where(is_min, low, tl.where(is_max, high, sums))
+    # ratio_min and ratio_max ignore NaN.
+    total = combine_partials(partials_ptr, num_rows, NUM_PARTIALS, 11, 12, False, BLOCK_K, PAD)
     policy = tl.sum(tl.where(col == 0, total, 0.0), 0)
     kl = tl.sum(tl.where(col == 1, total, 0.0), 0)
     ent = tl.sum(tl.where(col == 2, total, 0.0), 0)

@@ -198,19 +198,8 @@ def make_options(loss_type: str, clip_low, clip_high, dual_clip, tau_pos, tau_ne
 
 def _canonical(logp, old_logp, advantages, mask, ref_logp, entropy, rollout_is_weights, cu_seqlens):
     """Checks the tensors; returns them flat ``[N]`` (advantages ``[N]`` or ``[S]``) with the offsets."""
-    checks.dtype("logp", logp, checks.FLOATS)
-    if cu_seqlens is None:
-        checks.ndim("logp", logp, (2,))
-        rows, length = logp.shape
-        offsets = torch.arange(0, (rows + 1) * length, max(length, 1), device=logp.device)[: rows + 1]
-        if length == 0:
-            offsets = torch.zeros(rows + 1, dtype=torch.int64, device=logp.device)
-    else:
-        checks.ndim("logp (packed, with cu_seqlens)", logp, (1,))
-        offsets = checks.offsets(cu_seqlens, logp)
-        rows = offsets.numel() - 1
-    if rows == 0:
-        raise ValueError(f"logp: expected at least one sequence, got shape {tuple(logp.shape)}")
+    offsets = sequence_offsets("logp", logp, cu_seqlens)
+    rows = offsets.numel() - 1
     named = dict(zip(FLOAT_INPUTS, (old_logp, ref_logp, entropy, rollout_is_weights)))
     flat = {}
     for name, t in named.items():
@@ -237,6 +226,25 @@ def _canonical(logp, old_logp, advantages, mask, ref_logp, entropy, rollout_is_w
         flat_mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(-1)
     return (logp.contiguous().view(-1), flat["old_logp"], advantages.detach().contiguous().view(-1), flat_mask,
             flat["ref_logp"], flat["entropy"], flat["rollout_is_weights"], offsets)
+
+
+def sequence_offsets(name: str, tokens: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
+    """int64 ``[S + 1]`` offsets of the sequences of float ``tokens``: ``s * T`` for ``[B, T]`` input, the
+    checked ``cu_seqlens`` for packed ``[N]`` input. At least one sequence; no host sync."""
+    checks.dtype(name, tokens, checks.FLOATS)
+    if cu_seqlens is None:
+        checks.ndim(name, tokens, (2,))
+        rows, length = tokens.shape
+        offsets = torch.arange(0, (rows + 1) * length, max(length, 1), device=tokens.device)[: rows + 1]
+        if length == 0:
+            offsets = torch.zeros(rows + 1, dtype=torch.int64, device=tokens.device)
+    else:
+        checks.ndim(f"{name} (packed, with cu_seqlens)", tokens, (1,))
+        offsets = checks.offsets(cu_seqlens, tokens)
+        rows = offsets.numel() - 1
+    if rows == 0:
+        raise ValueError(f"{name}: expected at least one sequence, got shape {tuple(tokens.shape)}")
+    return offsets
 
 
 def _count(name, value, acc, device):

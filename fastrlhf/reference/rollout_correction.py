@@ -1,4 +1,5 @@
-"""``fastrlhf.rollout_correction`` in plain torch (no fused kernel yet): verl's ``rollout_corr_helper`` IS weights
+"""``fastrlhf.rollout_correction`` in plain torch, term by term (the fused op is
+``fastrlhf/ops/rollout_correction.py``): verl's ``rollout_corr_helper`` IS weights
 (``compute_rollout_correction_weights``) and rejection masks (``compute_rollout_rejection_mask``) without its
 host syncs: every metric stays on the device."""
 
@@ -56,6 +57,18 @@ def parse_rs(rs: str, rs_threshold) -> list[tuple[str, float | None, float]]:
     return parsed
 
 
+def check_is(is_level, is_threshold) -> None:
+    """``is_level`` one of ``IS_LEVELS`` or None; with a level, ``is_threshold`` a positive float or a pair
+    ``(lo, hi)``, ``0 < lo <= hi``, both finite."""
+    if is_level is None:
+        return
+    checks.one_of("is_level", is_level, IS_LEVELS)
+    bounds = tuple(is_threshold) if isinstance(is_threshold, (tuple, list)) else (float(is_threshold),)
+    if len(bounds) not in (1, 2) or not all(0 < float(b) < float("inf") for b in bounds) or (
+            len(bounds) == 2 and not bounds[0] <= bounds[1]):
+        raise ValueError(f"is_threshold: expected a positive float or a pair lo <= hi, got {is_threshold!r}")
+
+
 def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, is_level=None, is_threshold=2.0,
                        rs=None, rs_threshold=None, cu_seqlens: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -99,12 +112,7 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
         checks.tensor(name, t)
         checks.shape(name, t, old_logp.shape)
         checks.device(name, t, old_logp.device)
-    if is_level is not None:
-        checks.one_of("is_level", is_level, IS_LEVELS)
-        bounds = tuple(is_threshold) if isinstance(is_threshold, (tuple, list)) else (float(is_threshold),)
-        if len(bounds) not in (1, 2) or not all(0 < float(b) < float("inf") for b in bounds) or (
-                len(bounds) == 2 and not bounds[0] <= bounds[1]):
-            raise ValueError(f"is_threshold: expected a positive float or a pair lo <= hi, got {is_threshold!r}")
+    check_is(is_level, is_threshold)
     rs_options = parse_rs(rs, rs_threshold) if rs is not None else []
     shape = old_logp.shape
     mask = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
