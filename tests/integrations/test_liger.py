@@ -45,24 +45,32 @@ def run(cls, config, data, **forward):
     return [loss.detach(), *metrics, *(t.grad for t in leaves)]
 
 
+def _logprobs(hidden, weight, bias, ids, temperature):
+    logits = (hidden @ weight.T + (0 if bias is None else bias)) / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+
+
 def exact(config, data, **forward):
     """Liger's per-token loss function in float64 on float64 log-probs, differentiated by autograd."""
     module = LIGER(**config)
     hidden, weight, bias, ids, mask, advantages, old = data
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    logits = (leaves[0] @ leaves[1].T + leaves[2]) / module.temperature
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    logp = _logprobs(*leaves, ids, module.temperature)
     old = forward.get("old", old)
+    ref = forward.get("ref_per_token_logps")
+    if ref is None and forward.get("ref_input") is not None:
+        head = (forward[k].double() for k in ("ref_input", "ref_weight", "ref_bias"))
+        ref = _logprobs(*head, ids, module.temperature)
     vllm = forward.get("vllm_is_ratio")
     loss, metrics = grpo_loss.LigerFusedLinearGRPOFunction.ppo_loss_fn(
         per_token_logps=logp, attention_mask=mask, advantages=advantages.double(), full_attention_mask=mask,
-        old_per_token_logps=None if old is None else old.double(), epsilon_low=module.epsilon_low,
-        epsilon_high=module.epsilon_high, beta=module.beta, loss_type=module.loss_type,
-        max_completion_length=module.max_completion_length,
-        importance_sampling_level=module.importance_sampling_level,
-        sapo_temperature_pos=module.sapo_temperature_pos, sapo_temperature_neg=module.sapo_temperature_neg,
-        vllm_is_ratio=None if vllm is None else vllm.double().reshape(B, -1), delta=module.delta,
-        num_items_in_batch=forward.get("num_items_in_batch"))
+        ref_per_token_logps=None if ref is None or not module.use_ref_model else ref.double(),
+        old_per_token_logps=None if old is None else old.double(),
+        vllm_is_ratio=None if vllm is None else vllm.double().reshape(B, -1),
+        num_items_in_batch=forward.get("num_items_in_batch"), **{name: getattr(module, name) for name in (
+            "epsilon_low", "epsilon_high", "beta", "loss_type", "max_completion_length", "importance_sampling_level",
+            "sapo_temperature_pos", "sapo_temperature_neg", "delta", "use_bias_correction_kl", "vespo_k_pos",
+            "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")})
     grads = torch.autograd.grad(loss * UPSTREAM, leaves)
     return [loss.detach(), *metrics, *grads]
 
@@ -139,43 +147,70 @@ def test_other_dtypes(fused_calls, dtype):
     assert fused_calls
 
 
-FALLBACKS = {
-    "beta with a reference": (dict(beta=0.04, use_ref_model=True), True),
-    "luspo": (dict(loss_type="luspo"), False),
-    "vespo": (dict(loss_type="vespo"), False),
-    "delta below 1 + epsilon_high": (dict(delta=1.1), False),
-    "delta, sequence level": (dict(delta=2.0, importance_sampling_level="sequence"), False),
-    "cispo with epsilon_high < 1": (dict(loss_type="cispo", epsilon_high=0.2), False),
-    "negative epsilon": (dict(epsilon_low=-0.1), False),
+def reference_head(seed=9):
+    """A reference model's last hidden states and head, near the policy's of ``batch(0)``."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight, bias = batch()[:3]
+    return dict(ref_input=hidden + 0.3 * torch.randn(hidden.shape, generator=g),
+                ref_weight=weight + 0.05 * torch.randn(weight.shape, generator=g), ref_bias=bias)
+
+
+# Liger's per-token loss on fastrlhf's log-probs: options linear_policy_loss does not reproduce
+ON_LOGPROBS = {
+    "beta, reference log-probs": (dict(loss_type="dapo", beta=0.04, use_ref_model=True),
+                                  dict(ref_per_token_logps=batch()[-1] - 1.5)),
+    "beta, reference head": (dict(loss_type="grpo", beta=0.1, use_ref_model=True), reference_head()),
+    "beta, bias-corrected KL, sequence": (dict(loss_type="bnpo", beta=0.04, use_ref_model=True,
+                                               use_bias_correction_kl=True, importance_sampling_level="sequence"),
+                                          dict(ref_per_token_logps=batch()[-1] - 0.5)),
+    "luspo": (dict(loss_type="luspo"), {}),
+    "vespo": (dict(loss_type="vespo", vespo_k_pos=1.5), dict(vllm_is_ratio=torch.tensor([0.9, 1.2, 1.0, 0.7]))),
+    "delta below 1 + epsilon_high": (dict(delta=1.1), {}),
+    "delta, sequence level": (dict(delta=1.05, importance_sampling_level="sequence", epsilon_low=0.01,
+                                   epsilon_high=0.01), {}),
+    "cispo with epsilon_high < 1": (dict(loss_type="cispo", epsilon_high=0.9), {}),
+    "negative epsilon": (dict(epsilon_low=-0.1), {}),
 }
 
 
-@pytest.mark.parametrize("name", FALLBACKS)
-def test_falls_back_to_liger(monkeypatch, name):
-    config, with_reference = FALLBACKS[name]
-    data = batch(seed=2)
-    forward = dict(ref_per_token_logps=data[-1] - 0.1) if with_reference else {}
-    want = run(LIGER, _config(config), data, **forward)
-    monkeypatch.setattr(integration.fastrlhf, "linear_policy_loss", None)  # a covered case would call it and fail
-    got = run(integration.FusedLinearGRPOLoss, _config(config), data, **forward)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+@pytest.mark.parametrize("name", ON_LOGPROBS)
+def test_other_options_on_fastrlhf_logprobs(monkeypatch, name):
+    config, forward = ON_LOGPROBS[name]
+    calls = []
+    real = integration.fastrlhf.linear_logprobs
+    monkeypatch.setattr(integration.fastrlhf, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(integration.fastrlhf, "linear_policy_loss", None)
+    assert_equals_liger(config, batch(), **forward)
+    assert len(calls) == 1 + ("ref_input" in forward)
 
 
-def test_weight_in_another_dtype_falls_back(monkeypatch):
+def test_weights_in_another_dtype_fall_back(monkeypatch):
     hidden, weight, bias, *rest = batch(seed=4)
     data = [hidden, weight.bfloat16(), bias.bfloat16(), *rest]
-    want = run(LIGER, _config({}), data)
-    monkeypatch.setattr(integration.fastrlhf, "linear_policy_loss", None)
-    for g, w in zip(run(integration.FusedLinearGRPOLoss, _config({}), data), want, strict=True):
-        assert torch.equal(g, w)
+    reference = reference_head() | dict(ref_weight=reference_head()["ref_weight"].double())
+    for config, forward in ((dict(), {}), (dict(beta=0.04, use_ref_model=True), reference)):
+        want = run(LIGER, _config(config), data, **forward)
+        monkeypatch.setattr(integration.fastrlhf, "linear_policy_loss", None)
+        monkeypatch.setattr(integration.fastrlhf, "linear_logprobs", None)
+        for g, w in zip(run(integration.FusedLinearGRPOLoss, _config(config), data, **forward), want, strict=True):
+            assert torch.equal(g, w)
+        monkeypatch.undo()
 
 
-@pytest.mark.parametrize("config", [dict(use_ref_model=True), dict(loss_type="sapo", importance_sampling_level="sequence")])
-def test_liger_errors_are_raised(config):
-    with pytest.raises((AssertionError, ValueError)):
-        run(integration.FusedLinearGRPOLoss, _config(config), batch())
+@pytest.mark.parametrize("config, forward, error", [
+    (dict(use_ref_model=True), {}, AssertionError),
+    (dict(loss_type="dr_grpo"), {}, AssertionError),
+    (dict(loss_type="sapo", importance_sampling_level="sequence"), {}, ValueError),
+    (dict(importance_sampling_level="batch"), {}, ValueError),
+    (dict(loss_type="ppo"), {}, ValueError),
+    (dict(), dict(vllm_is_ratio=torch.ones(B, 2)), AssertionError),
+])
+def test_liger_errors_are_raised(config, forward, error):
+    """Configurations Liger refuses go to its class, which raises its own error."""
+    with pytest.raises(error):
+        run(LIGER, _config(config), batch(), **forward)
+    with pytest.raises(error):
+        run(integration.FusedLinearGRPOLoss, _config(config), batch(), **forward)
 
 
 @pytest.mark.parametrize("match_dtype", [False, True])
