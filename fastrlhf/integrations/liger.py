@@ -43,11 +43,13 @@ unknown names, a bad ``vllm_is_ratio`` shape), for advantages other than ``[B]``
 sequences per chunk) and ``compiled`` are accepted and not used: fastrlhf picks its own token chunks.
 
 Differences on the fused path: fastrlhf clamps each token's log-ratio to +-20 and gspo's sequence
-log-ratio above at 10 (where Liger's loss is at least 22026 |A|, or inf); ``attention_mask`` is read as
-0/1 (Liger multiplies by it, so fractional weights would weigh tokens); labels equal to -100 are ignored
-tokens (Liger has no ignore index and scores them as nonsense). The loss and metrics are fp32, as Liger's,
-for every input dtype; the gradients are in the dtype of what they belong to. ``patch(match_dtype=...)``
-is accepted for symmetry with the other integrations: nothing here returns log-probs or entropies.
+log-ratio above at 10 (where Liger's loss is at least 22026 |A|, or inf), and reads ``attention_mask`` as
+0/1 (Liger multiplies by it, so fractional weights would weigh tokens). A label of -100 is fastrlhf's ignore
+index: the fused path drops the token from the mask, the other gives it log-prob 0 (Liger has no ignore
+index and scores such a label as nonsense; valid token ids are the same everywhere). The loss
+and metrics are fp32, as Liger's, for every input dtype; the gradients are in the dtype of what they
+belong to. ``patch(match_dtype=...)`` is accepted for symmetry with the other integrations: nothing here
+returns log-probs or entropies.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from fastrlhf.integrations._patch import Patched, require
 TESTED = ("0.8.",)
 MODULES = ("liger_kernel.chunked_loss.grpo_loss",)
 TARGET = "liger_kernel.chunked_loss.grpo_loss:LigerFusedLinearGRPOLoss"
-# Liger's loss type -> (fastrlhf's aggregation of the token loss, its normaliser); ppo-clipped unless named
+# Liger's loss types that linear_policy_loss reproduces -> its aggregation (and the normaliser _fused_loss passes)
 NORMALISATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
                  "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean", "cispo": "token-mean"}
 PPO_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -126,7 +128,7 @@ def _valid(loss, hidden, weight, attention_mask, advantages, bias, ref, vllm_is_
         return False
     heads = [(hidden, weight, bias)]
     if loss.use_ref_model and isinstance(ref, tuple):  # Liger scores the reference head's hidden states
-        if ref[0] is None:
+        if ref[0] is None or ref[1] is None:
             return False
         heads.append(ref)
     batch, length = attention_mask.shape
