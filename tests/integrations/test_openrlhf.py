@@ -160,9 +160,9 @@ def policy_batch(B=5, T=40, seed=7, dtype=torch.float32):
 POLICY_LOSS_COVERED = [
     (dict(), dict()),
     (dict(clip_eps_low=0.1, clip_eps_high=0.28), dict(dp_size=2, batch_num_tokens=150.0)),
-    (dict(dual_clip=3.0), dict()),
+    (dict(dual_clip=1.5), dict()),
     (dict(token_level_loss=False), dict()),
-    (dict(token_level_loss=False, dual_clip=2.0), dict(dp_size=4, global_batch_size=16)),
+    (dict(token_level_loss=False, dual_clip=1.3), dict(dp_size=4, global_batch_size=16)),
     (dict(token_level_loss=False, clip_eps_low=0.05), dict(dp_size=2, global_batch_size=8)),
 ]
 
@@ -191,6 +191,14 @@ def _counting_policy_loss(monkeypatch):
 def test_policy_loss(modules, matches_original, monkeypatch, config, call_options):
     calls = _counting_policy_loss(monkeypatch)
     matches_original(_policy_loss_call(modules, config, call_options), integration.patch, policy_batch())
+    assert calls
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_policy_loss_bf16(modules, matches_original, monkeypatch, token_level_loss):
+    calls = _counting_policy_loss(monkeypatch)
+    call = _policy_loss_call(modules, dict(token_level_loss=token_level_loss, dual_clip=1.5), {})
+    matches_original(call, integration.patch, policy_batch(seed=8, dtype=torch.bfloat16))
     assert calls
 
 
