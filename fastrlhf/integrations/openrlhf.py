@@ -142,20 +142,24 @@ def policy_loss_forward(original):
         if not _policy_loss_covered(self, log_probs, old_log_probs, advantages, action_mask):
             return original(self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
                             batch_num_tokens, global_batch_size)
+        token_level = self.token_level_loss
         options = dict(clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
-                       aggregation="token-mean" if self.token_level_loss else "seq-mean-token-mean")
-        count = batch_num_tokens if options["aggregation"] == "token-mean" else global_batch_size
+                       aggregation="token-mean" if token_level else "seq-mean-token-mean")
+        count = batch_num_tokens if token_level else global_batch_size
         if count is not None:
-            options["num_tokens" if options["aggregation"] == "token-mean" else "num_sequences"] = count / dp_size
+            options["num_tokens" if token_level else "num_sequences"] = count / dp_size
         # OpenRLHF's arithmetic runs in the promoted dtype of its inputs; a float mask promotes its results
         compute = functools.reduce(torch.promote_types, (log_probs.dtype, old_log_probs.dtype, advantages.dtype))
-        masked = lambda dtype: dtype if action_mask is None or not action_mask.is_floating_point() else (  # noqa: E731
-            torch.promote_types(dtype, action_mask.dtype))
+
+        def masked(dtype):
+            floating_mask = action_mask is not None and action_mask.is_floating_point()
+            return torch.promote_types(dtype, action_mask.dtype) if floating_mask else dtype
+
         loss, metrics = fastrlhf.policy_loss(log_probs.to(compute), old_log_probs.to(compute),
                                              advantages.to(compute), action_mask, **options)
         log_ratio = torch.promote_types(log_probs.dtype, old_log_probs.dtype)
         # its sequence mean divides by fp32 token counts
-        result = masked(compute if self.token_level_loss else torch.promote_types(compute, torch.float32))
+        result = masked(compute if token_level else torch.promote_types(compute, torch.float32))
         return (loss.to(result), metrics["clipfrac"].to(masked(torch.float32)),
                 metrics["ppo_kl"].to(masked(log_ratio)), None, None)
     return replacement

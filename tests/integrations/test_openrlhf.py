@@ -208,10 +208,12 @@ def test_policy_loss_without_a_mask(modules, matches_original, monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("token_level_loss", [True, False])
-def test_policy_loss_returns_openrlhfs_types(modules, dtype, token_level_loss):
+def test_policy_loss_returns_openrlhfs_types(modules, dtype, token_level_loss, mask_dtype):
     logp, old, advantages, mask = policy_batch(dtype=dtype)
+    mask = mask.to(mask_dtype)
     module = modules.loss.PolicyLoss(token_level_loss=token_level_loss)
     before = module(logp, old, advantages, mask)
     with integration.patch():
