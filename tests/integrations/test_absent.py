@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from fastrlhf.integrations import openrlhf, trl, verl
+from fastrlhf.integrations import liger, openrlhf, trl, verl
 
 
-@pytest.mark.parametrize("integration", [verl, trl, openrlhf], ids=["verl", "trl", "openrlhf"])
+@pytest.mark.parametrize("integration", [verl, trl, openrlhf, liger], ids=["verl", "trl", "openrlhf", "liger"])
 def test_patch_without_the_package_raises(monkeypatch, integration):
     for name in integration.MODULES:
         monkeypatch.setitem(sys.modules, name, None)

@@ -143,3 +143,116 @@ def test_without_vllm_gae_is_left_alone_with_a_warning(modules, monkeypatch):
     with handle:
         assert not any(target.startswith(integration.EXPERIENCE) for target in handle.replaced)
         assert "log_probs_from_logits" in " ".join(handle.replaced)
+
+
+def policy_batch(B=5, T=40, seed=7, dtype=torch.float32):
+    """log-probs, old log-probs near them (some ratios clipped), per-token advantages, a right-padded bool mask
+    with one empty row."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -2 * torch.rand(B, T, generator=g)
+    old = logp + 0.3 * torch.randn(B, T, generator=g)
+    advantages = torch.randn(B, T, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[1] = 0
+    return logp.to(dtype), old.to(dtype), advantages.to(dtype), torch.arange(T) < lengths[:, None]
+
+
+POLICY_LOSS_COVERED = [
+    (dict(), dict()),
+    (dict(clip_eps_low=0.1, clip_eps_high=0.28), dict(dp_size=2, batch_num_tokens=150.0)),
+    (dict(dual_clip=1.5), dict()),
+    (dict(token_level_loss=False), dict()),
+    (dict(token_level_loss=False, dual_clip=1.3), dict(dp_size=4, global_batch_size=16)),
+    (dict(token_level_loss=False, clip_eps_low=0.05), dict(dp_size=2, global_batch_size=8)),
+]
+
+
+def _policy_loss_call(modules, config, call_options, with_mask=True):
+    """PolicyLoss(**config).forward on (logp, old, advantages, mask): the differentiable loss and the two metrics;
+    the old log-probs and advantages are data (detached), as fastrlhf treats them."""
+    module = modules.loss.PolicyLoss(**config)
+
+    def call(logp, old, advantages, mask):
+        out = module(logp, old.detach(), advantages.detach(), mask if with_mask else None, **call_options)
+        assert out[3:] == (None, None)
+        return out[:3]
+    return call
+
+
+def _counting_policy_loss(monkeypatch):
+    """Counts the calls of fastrlhf.policy_loss, so that a covered case cannot pass by falling back."""
+    calls = []
+    real = integration.fastrlhf.policy_loss
+    monkeypatch.setattr(integration.fastrlhf, "policy_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("config, call_options", POLICY_LOSS_COVERED)
+def test_policy_loss(modules, matches_original, monkeypatch, config, call_options):
+    calls = _counting_policy_loss(monkeypatch)
+    matches_original(_policy_loss_call(modules, config, call_options), integration.patch, policy_batch())
+    assert calls
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_policy_loss_bf16(modules, matches_original, monkeypatch, token_level_loss):
+    calls = _counting_policy_loss(monkeypatch)
+    call = _policy_loss_call(modules, dict(token_level_loss=token_level_loss, dual_clip=1.5), {})
+    matches_original(call, integration.patch, policy_batch(seed=8, dtype=torch.bfloat16))
+    assert calls
+
+
+def test_policy_loss_without_a_mask(modules, matches_original, monkeypatch):
+    calls = _counting_policy_loss(monkeypatch)
+    matches_original(_policy_loss_call(modules, {}, {}, with_mask=False), integration.patch, policy_batch())
+    assert calls
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_policy_loss_returns_openrlhfs_types(modules, dtype, token_level_loss, mask_dtype):
+    logp, old, advantages, mask = policy_batch(dtype=dtype)
+    mask = mask.to(mask_dtype)
+    module = modules.loss.PolicyLoss(token_level_loss=token_level_loss)
+    before = module(logp, old, advantages, mask)
+    with integration.patch():
+        after = module(logp, old, advantages, mask)
+    assert len(after) == len(before) == 5
+    assert [None if t is None else (t.dtype, t.shape) for t in after] == [
+        None if t is None else (t.dtype, t.shape) for t in before]
+
+
+POLICY_LOSS_FALLBACKS = [
+    dict(policy_loss_type="gspo"),
+    dict(policy_loss_type="gspo", dual_clip=3.0),
+    dict(is_correction_level="token"),
+    dict(is_correction_level="seq", is_correction_mode="mask"),
+    dict(clip_eps_low=-0.1),
+]
+
+
+@pytest.mark.parametrize("config", POLICY_LOSS_FALLBACKS)
+def test_policy_loss_falls_back(modules, monkeypatch, config):
+    logp, old, advantages, mask = policy_batch()
+    rollout = old + 0.05
+    module = modules.loss.PolicyLoss(**config)
+    before = module(logp, old, advantages, mask, rollout)
+    monkeypatch.setattr(integration.fastrlhf, "policy_loss", None)  # a covered case would call it and fail
+    with integration.patch():
+        after = module(logp, old, advantages, mask, rollout)
+    for got, want in zip(after, before, strict=True):
+        assert (got is want is None) or torch.equal(got, want)
+
+
+def test_policy_loss_unknown_type_raises_openrlhfs_error(modules):
+    module = modules.loss.PolicyLoss(policy_loss_type="cispo")
+    with integration.patch(), pytest.raises(ValueError, match="Invalid policy loss type"):
+        module(*policy_batch())
+
+
+def test_policy_loss_forward_is_restored(modules):
+    forward = modules.loss.PolicyLoss.forward
+    with integration.patch():
+        assert modules.loss.PolicyLoss.forward is not forward
+    assert modules.loss.PolicyLoss.forward is forward
