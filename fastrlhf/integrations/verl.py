@@ -26,7 +26,7 @@ computing the policy, KL and entropy terms in one pass, which these two separate
 ``patch(match_dtype=True)`` returns the log-probs, entropies and policy losses in the dtype verl's own
 function returns for the same call instead: the logits' dtype for ``entropy_from_logits`` on every device,
 and for ``logprobs_from_logits`` unless verl's flash-attention cross-entropy path is on (fp32 there);
-``log_prob``'s dtype for the policy losses (fp32 by default).
+for the policy losses ``log_prob``'s dtype, or fp32 where verl's ``seq-*`` aggregations promote to it.
 
 verl runs its workers in Ray processes: call ``patch()`` in each of them (before the workers build
 their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then), not only in the driver.

@@ -32,8 +32,9 @@ Where it differs from verl on covered calls (documented, not detectable without 
   mean of the clamped log-ratio (verl clamps neither); they agree unless a token's log-ratio exceeds 20;
 - ``seq-mean-token-mean`` divides by the exact length (verl adds 1e-8, below fp32 resolution).
 
-The loss is fp32 (fp64 for fp64 inputs); with ``patch(match_dtype=True)`` it is cast to ``log_prob``'s
-dtype, as verl's is.
+The loss is fp32 (fp64 for fp64 inputs); with ``patch(match_dtype=True)`` it has the dtype of verl's:
+``log_prob``'s for ``token-mean`` and ``token-sum``, at least fp32 for the ``seq-*`` modes (whose fp32
+sequence masks promote a bf16 loss).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _replacement(original, *, loss_type, metric_keys, match_dtype):
         if options["scale"] != 1:
             loss = loss * options["scale"]
         if match_dtype:
-            loss = loss.to(a["log_prob"].dtype)
+            loss = loss.to(options["dtype"])
         return loss, _metrics(metrics, metric_keys)
     return replacement
 
@@ -119,7 +120,16 @@ def _covered(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_
     if aggregation is None:
         return None
     options.update(aggregation[0])
-    return {"policy_loss": options, "scale": aggregation[1]}
+    return {"policy_loss": options, "scale": aggregation[1], "dtype": _verl_loss_dtype(log_prob.dtype, options)}
+
+
+def _verl_loss_dtype(dtype, options) -> torch.dtype:
+    """The dtype of verl's loss: ``log_prob``'s, promoted by ``agg_loss``'s fp32 sequence masks in the ``seq-*``
+    modes and by a count given as a tensor."""
+    if options["aggregation"].startswith("seq-"):
+        dtype = torch.promote_types(dtype, torch.float32)
+    count = options.get("num_tokens", options.get("num_sequences"))
+    return torch.promote_types(dtype, count.dtype) if isinstance(count, torch.Tensor) else dtype
 
 
 def _tensors_covered(log_prob, old_log_prob, advantages, response_mask, rollout_is_weights) -> bool:
