@@ -44,6 +44,7 @@ import inspect
 import math
 import numbers
 import sys
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -73,6 +74,14 @@ def replacements(match_dtype: bool = False) -> dict:
             for name, (loss_type, keys) in LOSSES.items()}
 
 
+class Plan(NamedTuple):
+    """How a covered verl call runs on ``fastrlhf.policy_loss``."""
+
+    options: dict         # keyword options of fastrlhf.policy_loss (clips, temperatures, aggregation, counts)
+    scale: float          # the loss is multiplied by it: dp_size for token-sum, else 1
+    dtype: torch.dtype    # the dtype of verl's loss (for match_dtype)
+
+
 def _replacement(original, *, loss_type, metric_keys, match_dtype):
     signature = inspect.signature(original)
 
@@ -83,17 +92,17 @@ def _replacement(original, *, loss_type, metric_keys, match_dtype):
         except TypeError:
             return original(*args, **kwargs)
         call.apply_defaults()
-        options = _covered(loss_type, **call.arguments)
-        if options is None:
+        plan = _plan(loss_type, **call.arguments)
+        if plan is None:
             return original(*args, **kwargs)
         a = call.arguments
         loss, metrics = fastrlhf.policy_loss(a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"],
                                              loss_type=loss_type, rollout_is_weights=a["rollout_is_weights"],
-                                             **options["policy_loss"])
-        if options["scale"] != 1:
-            loss = loss * options["scale"]
+                                             **plan.options)
+        if plan.scale != 1:
+            loss = loss * plan.scale
         if match_dtype:
-            loss = loss.to(options["dtype"])
+            loss = loss.to(plan.dtype)
         return loss, _metrics(metrics, metric_keys)
     return replacement
 
@@ -106,30 +115,19 @@ def _metrics(metrics: dict, metric_keys) -> dict:
     return {key: 0.0 if name is None else next(values) for key, name in metric_keys}
 
 
-def _covered(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-             rollout_is_weights):
-    """The ``fastrlhf.policy_loss`` options (and the factor the loss is multiplied by) that reproduce verl's
-    call, or None where verl's own function must run."""
+def _plan(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+          rollout_is_weights) -> Optional[Plan]:
+    """How ``fastrlhf.policy_loss`` reproduces verl's call, or None where verl's own function must run."""
     if not _tensors_covered(log_prob, old_log_prob, advantages, response_mask, rollout_is_weights):
         return None
     options = _config_options(loss_type, config)
     if options is None:
         return None
     mode = "seq-mean-token-mean" if loss_type == "sapo" else loss_agg_mode
-    aggregation = _aggregation(mode, config.global_batch_info, log_prob.shape[-1], log_prob.device)
+    aggregation = _aggregation(mode, config.global_batch_info, log_prob)
     if aggregation is None:
         return None
-    options.update(aggregation[0])
-    return {"policy_loss": options, "scale": aggregation[1], "dtype": _verl_loss_dtype(log_prob.dtype, options)}
-
-
-def _verl_loss_dtype(dtype, options) -> torch.dtype:
-    """The dtype of verl's loss: ``log_prob``'s, promoted by ``agg_loss``'s fp32 sequence masks in the ``seq-*``
-    modes and by a count given as a tensor."""
-    if options["aggregation"].startswith("seq-"):
-        dtype = torch.promote_types(dtype, torch.float32)
-    count = options.get("num_tokens", options.get("num_sequences"))
-    return torch.promote_types(dtype, count.dtype) if isinstance(count, torch.Tensor) else dtype
+    return Plan({**options, **aggregation[0]}, *aggregation[1:])
 
 
 def _tensors_covered(log_prob, old_log_prob, advantages, response_mask, rollout_is_weights) -> bool:
@@ -176,17 +174,20 @@ def _config_options(loss_type, config):
     return options
 
 
-def _aggregation(mode, global_batch_info, length, device):
-    """verl's ``agg_loss(loss_mode, **global_batch_info)`` as ``policy_loss`` aggregation options and a factor
-    for the loss, or None where it cannot be said exactly (or verl raises)."""
+def _aggregation(mode, global_batch_info, log_prob):
+    """verl's ``agg_loss(loss_mat, mask, mode, **global_batch_info)`` as ``policy_loss`` aggregation options,
+    the factor for the loss and the dtype of verl's loss, or None where it cannot be said exactly (or verl
+    raises)."""
     info = dict(global_batch_info or {})
     if mode not in AGGREGATIONS or not set(info) <= GLOBAL_BATCH_KEYS:
         return None
     dp_size = info.get("dp_size", 1)
     if not (finite_number(dp_size) and dp_size >= 1):
         return None
+    # agg_loss's fp32 sequence masks promote a bf16/fp16 loss in the seq-* modes
+    dtype = torch.promote_types(log_prob.dtype, torch.float32) if mode.startswith("seq-") else log_prob.dtype
     if mode == "token-sum":
-        return {"aggregation": mode}, dp_size
+        return {"aggregation": mode}, dp_size, dtype
     count_key, option = ("batch_num_tokens", "num_tokens") if mode == "token-mean" else ("global_batch_size",
                                                                                           "num_sequences")
     count = info.get(count_key)
@@ -196,17 +197,18 @@ def _aggregation(mode, global_batch_info, length, device):
             return None  # verl raises: the global count is required
     elif _positive(count):
         options[option] = count / dp_size
-    elif isinstance(count, torch.Tensor) and count.numel() == 1 and count.device == device:
+    elif isinstance(count, torch.Tensor) and count.numel() == 1 and count.device == log_prob.device:
         options[option] = count.reshape(()) / dp_size  # stays on the device: no host sync
+        dtype = torch.promote_types(dtype, count.dtype)
     else:
         return None
     if mode == "seq-mean-token-sum-norm":
         horizon = info.get("loss_scale_factor")
-        horizon = length if horizon is None else horizon
+        horizon = log_prob.shape[-1] if horizon is None else horizon
         if not _positive(horizon):
             return None
         options["horizon"] = float(horizon)
-    return options, 1
+    return options, 1, dtype
 
 
 def finite_number(x) -> bool:

@@ -95,11 +95,14 @@ def test_legacy_dict_config(matches_original):
     assert_same_loss_and_metrics(matches_original, "vanilla", "seq-mean-token-mean", config, seed=4)
 
 
+@pytest.mark.parametrize("global_batch_info", [{}, {"batch_num_tokens": torch.tensor(200)},
+                                               {"global_batch_size": torch.tensor(9.0)}],
+                         ids=["local", "int64-count", "fp32-count"])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])  # bf16, and fp32 (verl promotes)
 @pytest.mark.parametrize("name", ["vanilla", "sapo"])  # sapo: always seq-mean-token-mean
-def test_match_dtype(dtypes_match, name, mode):
+def test_match_dtype(dtypes_match, name, mode, global_batch_info):
     log_prob, old, advantages, _, mask = batch(seed=5, dtype=torch.bfloat16)
-    call = loss_call(name, mode, actor_config(), old, advantages, mask)
+    call = loss_call(name, mode, actor_config(global_batch_info), old, advantages, mask)
     dtypes_match(lambda lp: call(lp)[0], integration.patch, (log_prob,))
 
 
