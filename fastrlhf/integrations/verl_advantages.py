@@ -74,23 +74,24 @@ def _replacement(original, *, estimator, singleton, grouping):
         ids = _group_ids(a["index"], grouping, rewards) if _tensors_covered(rewards, mask) else None
         if ids is None or (estimator == "grpo" and not (finite_number(epsilon) and epsilon >= 0)):
             return original(*args, **kwargs)
-        scale = "group" if a.get("norm_adv_by_std_in_grpo", True) else "none"
+        options = {"estimator": estimator, "singleton": singleton}
+        if estimator == "grpo":
+            options.update(scale="group" if a["norm_adv_by_std_in_grpo"] else "none", eps=float(epsilon))
         with torch.no_grad():
-            advantages = _advantages(rewards, mask, ids, estimator, scale, float(epsilon), singleton)
+            advantages = _advantages(rewards, mask, ids, options)
         return advantages, advantages
     return replacement
 
 
-def _advantages(rewards, mask, ids, estimator, scale, epsilon, singleton):
+def _advantages(rewards, mask, ids, options):
     scores = rewards.sum(dim=-1)  # verl's score: every token's reward, masked or not
-    if estimator == "opo":
+    if options["estimator"] == "opo":
         keep = mask if mask.dtype == torch.bool else mask != 0
-        return fastrlhf.group_advantages(_at_first_kept_token(scores, keep), ids, estimator="opo", mask=keep)
-    if estimator == "reinforce++-baseline":
+        return fastrlhf.group_advantages(_at_first_kept_token(scores, keep), ids, mask=keep, **options)
+    if options["estimator"] == "reinforce++-baseline":
         centred = fastrlhf.group_advantages(scores, ids, estimator="grpo", scale="none")
         return fastrlhf.masked_whiten(centred[:, None] * mask, mask) * mask
-    return fastrlhf.group_advantages(scores, ids, estimator=estimator, scale=scale, eps=epsilon,
-                                     singleton=singleton)[:, None] * mask
+    return fastrlhf.group_advantages(scores, ids, **options)[:, None] * mask
 
 
 def _at_first_kept_token(scores, keep):

@@ -49,6 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import fastrlhf
+from fastrlhf import checks
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 GLOBAL_BATCH_KEYS = frozenset(("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor"))
@@ -131,7 +132,7 @@ def _plan(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg
 
 
 def _tensors_covered(log_prob, old_log_prob, advantages, response_mask, rollout_is_weights) -> bool:
-    if not (isinstance(log_prob, torch.Tensor) and log_prob.dim() == 2 and log_prob.dtype in fastrlhf.checks.FLOATS):
+    if not (isinstance(log_prob, torch.Tensor) and log_prob.dim() == 2 and log_prob.dtype in checks.FLOATS):
         return False
     data = [old_log_prob, advantages] + ([] if rollout_is_weights is None else [rollout_is_weights])
     for t in data:

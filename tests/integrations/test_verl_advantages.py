@@ -74,6 +74,13 @@ def test_every_group_a_singleton(matches_original, name):
     assert_same_advantages(matches_original, estimate(name, np.arange(6) * 5), rewards, mask)
 
 
+@pytest.mark.parametrize("name", ["rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo"])
+def test_epsilon_unused_outside_grpo(matches_original, name):
+    """verl reads epsilon only in GRPO: any value (None included) is accepted elsewhere."""
+    rewards, mask = rollout(seed=5)
+    assert_same_advantages(matches_original, estimate(name, uids(seed=5), epsilon=None), rewards, mask)
+
+
 def test_opo_weights_by_length_and_counts_rewards_outside_the_mask(matches_original):
     rewards, mask = rollout(B=8, seed=3)
     mask[1] = 0  # an empty response: no weight, no score
