@@ -30,7 +30,8 @@ Where it differs from verl on covered calls (documented, not detectable without 
 - masked tokens are never read: NaN or inf there does not reach the loss (verl multiplies by the mask);
 - ``gspo`` clamps each token's log-ratio to +-20 before the sequence mean, and its ``ppo_kl`` metric is the
   mean of the clamped log-ratio (verl clamps neither); they agree unless a token's log-ratio exceeds 20;
-- ``seq-mean-token-mean`` divides by the exact length (verl adds 1e-8, below fp32 resolution).
+- ``seq-mean-token-mean`` and the metric means divide by exact counts (verl adds 1e-8 to the denominators:
+  below fp32 resolution, a relative 1e-8 / count in fp64).
 
 The loss is fp32 (fp64 for fp64 inputs); with ``patch(match_dtype=True)`` it has the dtype of verl's:
 ``log_prob``'s for ``token-mean`` and ``token-sum``, at least fp32 for the ``seq-*`` modes (whose fp32

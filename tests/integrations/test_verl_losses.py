@@ -44,8 +44,9 @@ def loss_call(name, mode, config, old, advantages, mask, weights=None):
                                                                 None if weights is None else weights.to(log_prob.dtype))
 
 
-def assert_same_loss_and_metrics(matches_original, name, mode, config, with_weights=False, seed=0):
-    log_prob, old, advantages, weights, mask = batch(seed=seed)
+def assert_same_loss_and_metrics(matches_original, name, mode, config, with_weights=False, seed=0,
+                                 dtype=torch.float32):
+    log_prob, old, advantages, weights, mask = batch(seed=seed, dtype=dtype)
     call = loss_call(name, mode, config, old, advantages, mask, weights if with_weights else None)
     matches_original(lambda lp: call(lp)[0], integration.patch, (log_prob,))
     exact, before = call(log_prob.double())[1], call(log_prob)[1]
@@ -65,6 +66,20 @@ def assert_same_loss_and_metrics(matches_original, name, mode, config, with_weig
 @pytest.mark.parametrize("name", LOSSES)
 def test_losses_match_verl(matches_original, name, mode, global_batch_info, with_weights):
     assert_same_loss_and_metrics(matches_original, name, mode, actor_config(global_batch_info), with_weights)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_global_batch_info_as_verls_trainer_fills_it(matches_original, mode):
+    """verl's ppo_loss sets every key, None where there is no global count."""
+    info = {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None, "loss_scale_factor": None}
+    assert_same_loss_and_metrics(matches_original, "vanilla", mode, actor_config(info), seed=8)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_bf16_inputs(matches_original, name, mode):
+    """fp32 arithmetic on bf16 inputs: at least as close to verl's float64 result as verl's bf16 one."""
+    assert_same_loss_and_metrics(matches_original, name, mode, actor_config(), seed=9, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("fields", [dict(clip_ratio=0.1), dict(clip_ratio_low=0.2, clip_ratio_high=0.28),
