@@ -1,4 +1,5 @@
-"""``fastrlhf.integrations.verl.patch()``: verl's GAE, whitening, log-prob and entropy helpers on fastrlhf.
+"""``fastrlhf.integrations.verl.patch()``: verl's GAE, whitening, log-prob and entropy helpers, policy losses and
+group advantage estimators on fastrlhf.
 
 Replaced (each where fastrlhf computes the same thing; other inputs go to verl's own function):
 
@@ -41,8 +42,8 @@ import sys
 import torch
 
 import fastrlhf
-from fastrlhf.integrations._patch import Patched, require
 from fastrlhf.integrations import verl_advantages, verl_policy_loss
+from fastrlhf.integrations._patch import Patched, require
 from fastrlhf.integrations._shared import entropy, logits_dtype, matching_dtype
 
 TESTED = ("0.9.",)

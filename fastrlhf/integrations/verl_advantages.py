@@ -5,13 +5,13 @@ Replaced, in ``verl.trainer.ppo.core_algos`` and in ``ADV_ESTIMATOR_REGISTRY`` (
 returns them), with verl's signatures (``token_level_rewards [B, T], response_mask [B, T], index, epsilon,
 norm_adv_by_std_in_grpo, config``) and verl's ``(advantages, returns)``, the same tensor twice:
 
-| verl | ``group_advantages`` | a group of one |
-| --- | --- | --- |
-| ``grpo``, ``grpo_vectorized`` | ``grpo``, ``scale="group"`` (``"none"`` without ``norm_adv_by_std_in_grpo``) | mean 0, std 1: ``s / (1 + epsilon)`` (``s``) |
-| ``rloo`` | ``rloo`` | its score ``s`` |
-| ``rloo_vectorized`` | ``rloo``, ``singleton="zero"`` | 0 |
-| ``reinforce_plus_plus_baseline`` | ``grpo``, ``scale="none"``, then ``fastrlhf.masked_whiten`` over the tokens | ``s``, then whitened |
-| ``opo`` | ``opo`` (length-weighted group mean) | ``s`` |
+- ``grpo``, ``grpo_vectorized``: ``grpo`` with ``scale="group"`` (``"none"`` without
+  ``norm_adv_by_std_in_grpo``); a group of one has mean 0 and std 1: ``s / (1 + epsilon)`` (``s``).
+- ``rloo``: ``rloo``; a group of one keeps its score ``s``.
+- ``rloo_vectorized``: ``rloo`` with ``singleton="zero"``; a group of one gets 0.
+- ``reinforce_plus_plus_baseline``: ``grpo`` with ``scale="none"`` (a group of one keeps ``s``), then
+  ``fastrlhf.masked_whiten`` over the response tokens.
+- ``opo``: ``opo`` (the group's mean score weighted by length); a group of one keeps ``s``.
 
 As in verl, a response's score is the sum of its rewards over every token (``token_level_rewards.sum(-1)``)
 and the advantage is broadcast over the response (``* response_mask``); the mask is read as 0/1 (OPO's

@@ -4,14 +4,17 @@ Replaced, in ``verl.trainer.ppo.core_algos`` and in ``POLICY_LOSS_REGISTRY`` (so
 returns them), with verl's signature ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
 config, rollout_is_weights)``:
 
-| verl | ``fastrlhf.policy_loss`` | metrics (Python floats, one host transfer) |
-| --- | --- | --- |
-| ``vanilla`` | ``ppo``, ``dual_clip=config.clip_ratio_c`` (default 3) | pg_clipfrac, ppo_kl, pg_clipfrac_lower |
-| ``gspo`` | ``gspo`` | pg_clipfrac, ppo_kl, pg_clipfrac_lower (0.0) |
-| ``cispo`` | ``cispo`` | pg_clipfrac (ratio outside the range), ppo_kl, pg_clipfrac_lower (0.0) |
-| ``sapo`` | ``sapo`` (``config.tau_pos/neg``), always ``seq-mean-token-mean`` | pg_clipfrac (0.0), ppo_kl, pg_clipfrac_lower (0.0) |
-| ``gpg`` | ``reinforce`` | none (``{}``) |
+- ``vanilla``: ``ppo`` with ``dual_clip=config.clip_ratio_c`` (default 3); metrics ``actor/pg_clipfrac``,
+  ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``.
+- ``gspo``: ``gspo``; the same keys, ``actor/pg_clipfrac_lower`` 0.0.
+- ``cispo``: ``cispo``; the same keys, ``actor/pg_clipfrac`` the fraction of ratios outside the range,
+  ``actor/pg_clipfrac_lower`` 0.0.
+- ``sapo``: ``sapo`` with ``config.tau_pos/neg``, always aggregated ``seq-mean-token-mean``; the same keys,
+  both clip fractions 0.0.
+- ``gpg``: ``reinforce``; no metrics (``{}``).
 
+The metrics are Python floats, as verl's, fetched from the device in one transfer (verl syncs once per
+metric); verl's constant zeros need none.
 The clip range is ``[1 - clip_ratio_low, 1 + clip_ratio_high]`` (each defaulting to ``config.clip_ratio``);
 ``rollout_is_weights`` multiply the token losses. ``loss_agg_mode`` and ``config.global_batch_info``
 (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``) map onto verl's
