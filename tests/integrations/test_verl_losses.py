@@ -39,9 +39,10 @@ def batch(B=7, T=40, seed=0, dtype=torch.float32):
 
 def loss_call(name, mode, config, old, advantages, mask, weights=None):
     """The loss as a function of ``log_prob``, looked up in verl's registry at call time."""
-    return lambda log_prob: core_algos.get_policy_loss_fn(name)(old.to(log_prob.dtype), log_prob,  # noqa: E731
-                                                                advantages.to(log_prob.dtype), mask, mode, config,
-                                                                None if weights is None else weights.to(log_prob.dtype))
+    def call(log_prob):
+        data = [None if t is None else t.to(log_prob.dtype) for t in (old, advantages, weights)]
+        return core_algos.get_policy_loss_fn(name)(data[0], log_prob, data[1], mask, mode, config, data[2])
+    return call
 
 
 def assert_same_loss_and_metrics(matches_original, name, mode, config, with_weights=False, seed=0,
