@@ -26,7 +26,7 @@ verl's own function runs instead (and raises what it raises) where the op does n
 config verl rejects (None, the wrong config class, ``clip_ratio_c <= 1``, a negative clip ratio), a
 ``loss_agg_mode`` or ``global_batch_info`` that ``agg_loss`` rejects or that is not a plain positive number,
 shapes that differ from ``log_prob``'s ``[B, T]``, mixed dtypes or devices, a floating-point mask (the op
-reads masks as 0/1), or ``old_log_prob`` / ``advantages`` / ``rollout_is_weights`` that require a gradient
+reads masks as 0/1, bool or integer ones too, as verl's are), or ``old_log_prob`` / ``advantages`` / ``rollout_is_weights`` that require a gradient
 (the op treats them as data, as verl's trainer does).
 
 Where it differs from verl on covered calls (documented, not detectable without a host sync):
