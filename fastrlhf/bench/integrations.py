@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import numpy as np
 import torch
 
 from fastrlhf.bench.case import Case
@@ -30,7 +31,12 @@ BENCHED = {
         lambda fn: lambda r, v, m: fn(None, v, r, m, 1.0, 0.95),
     "openrlhf.models.utils:log_probs_from_logits": lambda fn: fn,
     "openrlhf.models.utils:compute_entropy": lambda fn: lambda logits, labels: fn(logits),
+    "verl.trainer.ppo.core_algos:compute_policy_loss_vanilla":  # as verl's actor calls it (dual clip 3)
+        lambda fn: lambda old, logp, adv, mask: fn(old, logp, adv, mask, "token-mean", _actor_config())[0],
+    "verl.trainer.ppo.core_algos:compute_grpo_outcome_advantage":
+        lambda fn: lambda rewards, mask, uids: fn(rewards, mask, uids)[0],
 }
+GROUP = 8  # responses per prompt in the GRPO case
 
 
 def _rollout(B: int, T: int):
@@ -50,6 +56,27 @@ def _hidden(tokens: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(tokens, HIDDEN, generator=g), torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5,
             torch.randint(0, VOCAB, (tokens,), generator=g))
+
+
+def _policy_batch(B: int, T: int, seed: int = 0):
+    """log_prob, old_log_prob, advantages and a right-padded bool mask, as verl's actor passes them."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -3 * torch.rand(B, T, generator=g)
+    mask = torch.arange(T) < torch.randint(T // 2, T + 1, (B,), generator=g)[:, None]
+    return logp + 0.3 * torch.randn(B, T, generator=g), logp, torch.randn(B, T, generator=g), mask
+
+
+def _grpo_batch(B: int, T: int, seed: int = 0):
+    """Token rewards, an int64 response mask and shuffled uid strings in groups of GROUP."""
+    rewards, _, mask = _rollout(B, T)
+    uids = np.array([f"uid-{i // GROUP}" for i in np.random.default_rng(seed).permutation(B)], dtype=object)
+    return rewards, mask, uids
+
+
+def _actor_config():
+    from verl.workers.config import FSDPActorConfig
+
+    return FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
 
 
 def _same(got, want):
@@ -75,7 +102,13 @@ def cases(quick: bool) -> list[Case]:
             name = target.split(":")[1].split(".")[-1]
             original = resolve(target)[2]
             fused, reference = BENCHED[target](factory(original)), BENCHED[target](original)
-            if "advantage" in name:
+            if name == "compute_policy_loss_vanilla":  # forward: log-probs, old, advantages fp32 + bool mask
+                out.append(Case(f"{package} {name}", f"B={B // 16} T={T} fp32", lambda: _policy_batch(B // 16, T),
+                                fused, {package: reference}, 13 * (B // 16) * T, _same, x=T))
+            elif name == "compute_grpo_outcome_advantage":  # rewards fp32 + int64 mask read, fp32 written
+                out.append(Case(f"{package} {name}", f"B={B} T={T} G={GROUP} fp32", lambda: _grpo_batch(B, T),
+                                fused, {package: reference}, 16 * B * T, _same, x=T))
+            elif "advantage" in name:
                 out.append(Case(f"{package} {name}", f"B={B} T={T} fp32", lambda: _rollout(B, T), fused,
                                 {package: reference}, GAE_BYTES_PER_ELEMENT * B * T, _same, x=T))
             elif name == "apply":

@@ -1,4 +1,5 @@
-"""``fastrlhf.integrations.verl.patch()``: verl's GAE, whitening, log-prob and entropy helpers on fastrlhf.
+"""``fastrlhf.integrations.verl.patch()``: verl's GAE, whitening, log-prob and entropy helpers, policy losses and
+group advantage estimators on fastrlhf.
 
 Replaced (each where fastrlhf computes the same thing; other inputs go to verl's own function):
 
@@ -12,10 +13,21 @@ Replaced (each where fastrlhf computes the same thing; other inputs go to verl's
   ``inplace_backward`` is honoured as flash-attention does, except that fastrlhf moves the logits' version counter, so a
   later use of the overwritten logits raises instead of reading gradients.
 - ``verl.utils.torch_functional.entropy_from_logits``: the entropy of ``fastrlhf.logprobs``, fp32 (fp64 for fp64).
+- the policy losses ``vanilla``, ``gspo``, ``cispo``, ``sapo``, ``gpg`` (functions and ``POLICY_LOSS_REGISTRY``):
+  ``fastrlhf.policy_loss``, see ``fastrlhf.integrations.verl_policy_loss``.
+- the advantage estimators ``grpo``, ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``,
+  ``reinforce_plus_plus_baseline``, ``opo`` (functions and ``ADV_ESTIMATOR_REGISTRY``):
+  ``fastrlhf.group_advantages``, see ``fastrlhf.integrations.verl_advantages``.
 
-``patch(match_dtype=True)`` returns the log-probs and entropies in the dtype verl's own function returns
-for the same call instead: the logits' dtype for ``entropy_from_logits`` on every device, and for
-``logprobs_from_logits`` unless verl's flash-attention cross-entropy path is on (fp32 there).
+Not replaced: ``core_algos.agg_loss`` and ``kl_penalty``. No fastrlhf op returns a per-token KL (the op
+fuses it into the aggregated loss), and ``agg_loss`` reduces a loss matrix the caller has already
+materialised, a couple of memory-bound torch passes that an op could not beat; the fused gain is in
+computing the policy, KL and entropy terms in one pass, which these two separate calls do not allow.
+
+``patch(match_dtype=True)`` returns the log-probs, entropies and policy losses in the dtype verl's own
+function returns for the same call instead: the logits' dtype for ``entropy_from_logits`` on every device,
+and for ``logprobs_from_logits`` unless verl's flash-attention cross-entropy path is on (fp32 there);
+for the policy losses ``log_prob``'s dtype, or fp32 where verl's ``seq-*`` aggregations promote to it.
 
 verl runs its workers in Ray processes: call ``patch()`` in each of them (before the workers build
 their models, since some wrap ``entropy_from_logits`` in ``torch.compile`` then), not only in the driver.
@@ -30,6 +42,7 @@ import sys
 import torch
 
 import fastrlhf
+from fastrlhf.integrations import verl_advantages, verl_policy_loss
 from fastrlhf.integrations._patch import Patched, require
 from fastrlhf.integrations._shared import entropy, logits_dtype, matching_dtype
 
@@ -40,8 +53,8 @@ MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos")
 def patch(match_dtype: bool = False) -> Patched:
     """Replaces verl's functions listed in this module's docstring; returns the handle that restores them.
 
-    ``match_dtype``: log-probs and entropies in the dtype verl's own function returns (see above) rather
-    than fp32."""
+    ``match_dtype``: log-probs, entropies and policy losses in the dtype verl's own function returns (see
+    above) rather than fp32."""
     require("verl", MODULES, TESTED)
     return Patched("verl", replacements(match_dtype))
 
@@ -54,6 +67,8 @@ def replacements(match_dtype: bool = False):
                                                                            _logprobs_dtype),
         "verl.utils.torch_functional:entropy_from_logits": matching_dtype(entropy_from_logits, match_dtype,
                                                                           logits_dtype),
+        **verl_policy_loss.replacements(match_dtype),
+        **verl_advantages.replacements(),
     }
 
 
