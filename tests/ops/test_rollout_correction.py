@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastrlhf
-from fastrlhf import backend, checks, reference
+from fastrlhf import backend, reference
 from fastrlhf.ops import rollout_correction as op
 from fastrlhf.reference.rollout_correction import METRICS, RS_OPTIONS
 
