@@ -19,10 +19,12 @@ Replaced (each where fastrlhf computes the same thing; other inputs go to verl's
   ``reinforce_plus_plus_baseline``, ``opo`` (functions and ``ADV_ESTIMATOR_REGISTRY``):
   ``fastrlhf.group_advantages``, see ``fastrlhf.integrations.verl_advantages``.
 
-Not replaced: ``core_algos.agg_loss`` and ``kl_penalty``. No fastrlhf op returns a per-token KL (the op
-fuses it into the aggregated loss), and ``agg_loss`` reduces a loss matrix the caller has already
-materialised, a couple of memory-bound torch passes that an op could not beat; the fused gain is in
-computing the policy, KL and entropy terms in one pass, which these two separate calls do not allow.
+- ``core_algos.agg_loss``: one fused masked reduction on ``fastrlhf.policy_loss`` (the same counts and
+  modes; masked entries never read), see ``verl_policy_loss.agg_loss``.
+
+Not replaced: ``core_algos.kl_penalty``, an elementwise expression of two ``[B, T]`` tensors that returns
+a ``[B, T]`` tensor (nothing for a kernel to fuse or save); where the KL enters a loss, ``policy_loss``'s
+``ref_logp``/``kl_coef``/``kl_estimator`` computes verl's same estimators inside the fused pass.
 
 ``patch(match_dtype=True)`` returns the log-probs, entropies and policy losses in the dtype verl's own
 function returns for the same call instead: the logits' dtype for ``entropy_from_logits`` on every device,

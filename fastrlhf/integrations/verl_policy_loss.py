@@ -12,6 +12,7 @@ config, rollout_is_weights)``:
 - ``sapo``: ``sapo`` with ``config.tau_pos/neg``, always aggregated ``seq-mean-token-mean``; the same keys,
   both clip fractions 0.0.
 - ``gpg``: ``reinforce``; no metrics (``{}``).
+- ``agg_loss``: the same aggregation as one masked reduction (``reinforce`` with advantage -1).
 
 The metrics are Python floats, as verl's, fetched from the device in one transfer (verl syncs once per
 metric); verl's constant zeros need none.
@@ -74,9 +75,37 @@ LOSSES = {
 
 
 def replacements(match_dtype: bool = False) -> dict:
-    return {f"{CORE_ALGOS}:{name}": functools.partial(_replacement, loss_type=loss_type, metric_keys=keys,
-                                                      match_dtype=match_dtype)
-            for name, (loss_type, keys) in LOSSES.items()}
+    losses = {f"{CORE_ALGOS}:{name}": functools.partial(_replacement, loss_type=loss_type, metric_keys=keys,
+                                                        match_dtype=match_dtype)
+              for name, (loss_type, keys) in LOSSES.items()}
+    return {**losses, f"{CORE_ALGOS}:agg_loss": functools.partial(agg_loss, match_dtype=match_dtype)}
+
+
+def agg_loss(original, *, match_dtype):
+    """verl's ``agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+    loss_scale_factor)`` as one fused masked reduction: ``policy_loss`` with ``loss_type="reinforce"`` and
+    an advantage of -1 per sequence, whose token loss is ``loss_mat`` itself, aggregated (and differentiated)
+    exactly as verl aggregates; masked entries are never read. verl's own function runs where the policy
+    losses' would (a floating-point mask, a mode or count it rejects)."""
+    @functools.wraps(original)
+    def replacement(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                    loss_scale_factor=None):
+        info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
+                "loss_scale_factor": loss_scale_factor}
+        covered = (isinstance(loss_mat, torch.Tensor) and loss_mat.dim() == 2 and loss_mat.shape[0] > 0
+                   and _tensors_covered(loss_mat, loss_mat.detach(), loss_mat.detach(), loss_mask, None))
+        aggregation = _aggregation(loss_agg_mode, {k: v for k, v in info.items() if v is not None}, loss_mat) \
+            if covered else None
+        if aggregation is None:
+            return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                            loss_scale_factor)
+        options, scale, dtype = aggregation
+        minus_one = loss_mat.new_full(loss_mat.shape[:1], -1.0)
+        loss, _ = fastrlhf.policy_loss(loss_mat, loss_mat.detach(), minus_one, loss_mask, loss_type="reinforce",
+                                       **options)
+        loss = loss * scale if scale != 1 else loss
+        return loss.to(dtype) if match_dtype else loss
+    return replacement
 
 
 class Plan(NamedTuple):

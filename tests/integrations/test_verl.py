@@ -92,7 +92,7 @@ def test_every_holder_is_rebound_and_restored():
         assert naive_rollout.logprobs_from_logits is replaced is not originals["logprobs_from_logits"]
         assert core_algos.get_adv_estimator_fn("gae") is core_algos.compute_gae_advantage_return is not gae
         assert core_algos.compute_gae_advantage_return.__name__ == "compute_gae_advantage_return"
-        assert len(handle.replaced) == 4 + 5 + 6  # helpers, policy losses, advantage estimators
+        assert len(handle.replaced) == 4 + 5 + 6 + 1  # helpers, policy losses, advantage estimators
     assert naive_rollout.logprobs_from_logits is originals["logprobs_from_logits"]
     assert core_algos.get_adv_estimator_fn("gae") is core_algos.compute_gae_advantage_return is gae
     assert all(getattr(verl_F, name) is original for name, original in originals.items())
