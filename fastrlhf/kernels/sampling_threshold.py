@@ -89,8 +89,12 @@ def _largest_key(x_row, V, inv_t, m, lo, hi, target, BY_MASS: tl.constexpr, IS_F
     j = tl.arange(0, PIVOTS).to(tl.int64)
     min_key = lo
     while lo < hi:
-        # PIVOTS * step > hi - lo, so the pivots lo + j * step cover the range.
-        step = (hi >> LOG_PIVOTS) - (lo >> LOG_PIVOTS) + 1
+        # PIVOTS * step > hi - lo, so the pivots lo + j * step cover the range, and step - 1 < hi - lo, so the
+        # range shrinks even when only lo reaches the target. The blocks' difference d cannot overflow (hi - lo
+        # can, for fp64 keys); d <= 1 means hi - lo < 2 * PIVOTS, exact. (d + 1 alone stalled at
+        # hi = lo + 1 across a block boundary: heavy ties.)
+        d = (hi >> LOG_PIVOTS) - (lo >> LOG_PIVOTS)
+        step = tl.where(d <= 1, ((hi - lo) >> LOG_PIVOTS) + 1, d + 1)
         pivots = lo + j * step
         weight = tl.zeros([PIVOTS], ACC if BY_MASS else tl.int32)
         for start in range(0, V, BLOCK_V):

@@ -56,14 +56,6 @@ FILTERS = [
 ]
 
 
-@pytest.fixture
-def kernel_backend():
-    """The C++ kernels only in this file: the Triton threshold kernel is too slow under the interpreter for
-    these sizes (minutes per call); it is exercised by tests/ops/test_sampling_threshold.py's smoke test."""
-    with backend.use_backend("cpp"):
-        yield "cpp"
-
-
 @pytest.mark.parametrize("filters", FILTERS, ids=[str(f) for f in FILTERS])
 @pytest.mark.parametrize("V", [1, 7, 1000, 2049])
 def test_matches_sort_reference(kernel_backend, filters, V):
