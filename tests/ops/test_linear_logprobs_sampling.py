@@ -185,3 +185,22 @@ def test_linear_policy_loss_matches_reference(loss_type, extra, masked):
     assert torch.equal(results[0][1] == -math.inf, ~kept)
     for name, x, y in zip(("loss", "logp", "grad hidden", "grad weight", "grad bias"), *results):
         torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
+
+
+def test_linear_policy_loss_torch_compile_fullgraph():
+    hidden, weight, bias, labels, _ = inputs(12, 8, 150, seed=15)
+    old_logp, advantages = -torch.rand(12, dtype=F64), torch.randn(12, dtype=F64)
+    top_p = torch.tensor([[0.8], [0.95]], dtype=F64)
+
+    def loss(h, w, b):
+        return fastrlhf.linear_policy_loss(h.view(2, 6, 8), w, labels.view(2, 6), old_logp.view(2, 6),
+                                           advantages.view(2, 6), bias=b, top_k=40, top_p=top_p, min_p=0.01,
+                                           chunk_size=5, entropy_coef=0.01)[0]
+
+    results = []
+    for fn in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        value = fn(*leaves)
+        results.append((value.detach(), *torch.autograd.grad(value, leaves)))
+    for name, x, y in zip(("loss", "grad hidden", "grad weight", "grad bias"), *results):
+        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
