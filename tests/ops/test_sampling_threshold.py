@@ -213,11 +213,3 @@ def test_cpp_op_checks_its_arguments(name, args):
 def test_public_export():
     assert fastrlhf.sampling_threshold is sampling_threshold
     assert reference.sampling_threshold is not None
-
-
-def test_triton_kernel_smoke():
-    """The Triton threshold kernel, interpreted, on one small combined case (the interpreter takes minutes per
-    call at the sizes the other tests use; the kernel still needs a run on a GPU)."""
-    pytest.importorskip("triton")
-    with backend.use_backend("triton"):
-        assert_kept_as_reference(logits_for(2, 37, seed=1), temperature=0.7, top_k=5, top_p=0.8, min_p=0.05)
