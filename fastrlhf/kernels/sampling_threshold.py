@@ -12,10 +12,15 @@ Each search pass reads the row once and weighs 16 evenly spaced pivots of the re
 pivot that reaches the target: 8 passes over the 2^32 fp32 keys (16 for fp64), no sort, no scratch.
 
 Passes over the row: one for the max (NaN check), and per active filter one weighing pass plus the
-search passes, so at most 2 + 2 x 9 reads of ``V`` elements; a 32k-vocab fp32 row is 128 KiB, and the
-rows of the programs in flight stay in L2 (132 SMs x 128 KiB), so after the first pass the floor is L2
-traffic: ``2V`` (bf16) or ``4V`` (fp32) bytes from HBM per row, plus 4 bytes of threshold.
-Offsets are int64. A NaN logit in a filtered row, or invalid parameters, give a NaN threshold.
+search passes, so at most 1 + 2 x 9 reads of ``V`` elements (1 + 2 x 17 for fp64 keys). Bytes-moved floor:
+the row once from HBM, ``2V`` (bf16) or ``4V`` (fp32) bytes, plus 4 bytes of threshold. The later passes
+hit L2 only while the rows of the programs in flight fit in it (2 programs per SM x 132 SMs x 64 KiB =
+17 MiB for a 32k-vocab bf16 row: yes; x 297 KiB for 152k bf16 = 78 MiB, above H100/H200's 50 MiB: no, up
+to 19 row reads from HBM). Each search pass also costs 16 compare-selects per element (``[16, BLOCK_V]``),
+so with both filters on the kernel is ALU-bound, not memory-bound; a radix select with per-row histograms
+(as the C++ kernel) would cut both. One program per row: the grid fills the SMs from about 264 rows.
+Offsets are int64; no host syncs (the grid is the row count). A NaN logit in a filtered row, or invalid
+parameters, give a NaN threshold.
 """
 
 from __future__ import annotations
@@ -89,8 +94,12 @@ def _largest_key(x_row, V, inv_t, m, lo, hi, target, BY_MASS: tl.constexpr, IS_F
     j = tl.arange(0, PIVOTS).to(tl.int64)
     min_key = lo
     while lo < hi:
-        # PIVOTS * step > hi - lo, so the pivots lo + j * step cover the range.
-        step = (hi >> LOG_PIVOTS) - (lo >> LOG_PIVOTS) + 1
+        # PIVOTS * step > hi - lo, so the pivots lo + j * step cover the range, and step - 1 < hi - lo, so the
+        # range shrinks even when only lo reaches the target. The blocks' difference d cannot overflow (hi - lo
+        # can, for fp64 keys); d <= 1 means hi - lo < 2 * PIVOTS, exact. (d + 1 alone stalled at
+        # hi = lo + 1 across a block boundary: heavy ties.)
+        d = (hi >> LOG_PIVOTS) - (lo >> LOG_PIVOTS)
+        step = tl.where(d <= 1, ((hi - lo) >> LOG_PIVOTS) + 1, d + 1)
         pivots = lo + j * step
         weight = tl.zeros([PIVOTS], ACC if BY_MASS else tl.int32)
         for start in range(0, V, BLOCK_V):
@@ -164,8 +173,9 @@ def _block(V: int) -> int:
 
 def aot_cases():
     """(label, launch) pairs for ``fastrlhf.kernels.compile``: ``fastrlhf.logprobs`` with the sampler's filters
-    (top-k, top-p and min-p together, per-row top-p) on fp32 and bf16 logits, so the compiled variants are
-    those these launch."""
+    (top-k, top-p and min-p together, per-row top-p) on fp32 and bf16 logits, and ``fastrlhf.linear_logprobs``
+    with them in chunks of 13 tokens (thresholds written into slices not 16-byte aligned), so the compiled
+    variants are those these launch."""
     import torch
 
     import fastrlhf
@@ -178,5 +188,15 @@ def aot_cases():
             torch.autograd.grad(logp.sum(), logits)
         return run
 
-    return [(f"logprobs top_k+top_p+min_p V=32000 {str(dtype).removeprefix('torch.')}", launch(dtype))
+    def linear(dtype):
+        def run():
+            hidden = torch.randn(40, 64).to(dtype).requires_grad_()
+            weight = torch.randn(32000, 64).to(dtype).requires_grad_()
+            logp = fastrlhf.linear_logprobs(hidden, weight, torch.randint(0, 32000, (40,)), top_k=50, top_p=0.9,
+                                            chunk_size=13)
+            torch.autograd.grad(logp.sum(), (hidden, weight))
+        return run
+
+    return [(f"{op} top_k+top_p+min_p V=32000 {str(dtype).removeprefix('torch.')}", make(dtype))
+            for op, make in (("logprobs", launch), ("linear_logprobs N=40 chunk 13", linear))
             for dtype in (torch.float32, torch.bfloat16)]

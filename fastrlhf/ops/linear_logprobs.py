@@ -67,10 +67,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
 
     Returns:
         ``logp`` (``[...]``, fp32; fp64 for fp64), or ``(logp, entropy)``, then ``kept``, then the three
-        extras, if asked. The logits are computed in
-        hidden's dtype (fp32 accumulation inside the matmul), the log-prob math in fp32 (fp64 for fp64).
-        Gradients reach hidden, weight and bias (hidden's is summed over vocab slices in fp32 or fp64).
-        Peak memory is one chunk's logits plus the gradients themselves.
+        extras, if asked. The logits are computed in hidden's dtype (fp32 accumulation inside the matmul),
+        the log-prob math in fp32 (fp64 for fp64). Gradients reach hidden, weight and bias (summed over
+        vocab slices, or with filters over token chunks, in fp32 or fp64). Peak memory is one chunk's logits
+        plus the gradients themselves.
     """
     if backend.forced_backend() == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,

@@ -152,9 +152,9 @@ def _as(acc, name, value):
     return value.detach().to(acc)
 
 
-def _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp, is_weights, offsets,
-             row_length, advantages_per_sequence, seq_weights, seq_log_ratio, options: Options, ignore_index, chunk_size,
-             needs_grad):
+def _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp,
+             is_weights, offsets, row_length, advantages_per_sequence, seq_weights, seq_log_ratio, options: Options,
+             ignore_index, chunk_size, needs_grad):
     need_hidden, need_weight, need_bias = needs_grad
     want_grads = any(needs_grad)
     acc = acc_dtype(hidden)
@@ -207,8 +207,8 @@ def linear_policy_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
     Returns the 0-d loss, the fp32 metrics, the ``[N]`` log-probs and the gradients of the loss with respect
     to hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]`` (each ``[0]`` when not in ``needs_grad``)."""
-    return _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp, is_weights,
-                    offsets, row_length, advantages_per_sequence, seq_weights, seq_log_ratio,
+    return _forward(hidden, weight, bias, labels, inv_temp, top_k, top_p, min_p, old_logp, advantages, mask, ref_logp,
+                    is_weights, offsets, row_length, advantages_per_sequence, seq_weights, seq_log_ratio,
                     Options(loss_type, lower, upper, dual_clip, tau_pos, tau_neg, kl_estimator, kl_straight, kl_coef,
                             entropy_coef), ignore_index, chunk_size, needs_grad)
 

@@ -110,7 +110,8 @@ def test_backward_recomputes_the_forwards_chunks(monkeypatch):
 
 
 def test_gradcheck_float64_kept_set_away_from_its_boundary(kernel_backend):
-    """Well separated logits (identity weight): finite differences never move a token across a threshold."""
+    """Well separated logits (identity weight): finite differences never move a token across a threshold.
+    Interpreted Triton checks one random direction per input (fast_mode): a full Jacobian is minutes there."""
     hidden = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
                            [8.0, 6.5, 5.0, 3.5, 2.0, 0.5, -1.0, -2.5, -4.0]], dtype=F64) * 0.6
     weight = torch.eye(9, dtype=F64) + 0.01 * torch.ones(9, 9, dtype=F64)
@@ -118,7 +119,8 @@ def test_gradcheck_float64_kept_set_away_from_its_boundary(kernel_backend):
     labels = torch.tensor([6, 1])
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     torch.autograd.gradcheck(lambda h, w, b: fastrlhf.linear_logprobs(h, w, labels, bias=b, top_k=5, top_p=0.97,
-                                                                      return_entropy=True, chunk_size=1), leaves)
+                                                                      return_entropy=True, chunk_size=1), leaves,
+                             fast_mode=kernel_backend == "triton")
 
 
 def test_opcheck(kernel_backend):
@@ -182,4 +184,23 @@ def test_linear_policy_loss_matches_reference(loss_type, extra, masked):
     assert results[1][0].isfinite()
     assert torch.equal(results[0][1] == -math.inf, ~kept)
     for name, x, y in zip(("loss", "logp", "grad hidden", "grad weight", "grad bias"), *results):
+        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
+
+
+def test_linear_policy_loss_torch_compile_fullgraph():
+    hidden, weight, bias, labels, _ = inputs(12, 8, 150, seed=15)
+    old_logp, advantages = -torch.rand(12, dtype=F64), torch.randn(12, dtype=F64)
+    top_p = torch.tensor([[0.8], [0.95]], dtype=F64)
+
+    def loss(h, w, b):
+        return fastrlhf.linear_policy_loss(h.view(2, 6, 8), w, labels.view(2, 6), old_logp.view(2, 6),
+                                           advantages.view(2, 6), bias=b, top_k=40, top_p=top_p, min_p=0.01,
+                                           chunk_size=5, entropy_coef=0.01)[0]
+
+    results = []
+    for fn in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        value = fn(*leaves)
+        results.append((value.detach(), *torch.autograd.grad(value, leaves)))
+    for name, x, y in zip(("loss", "grad hidden", "grad weight", "grad bias"), *results):
         torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")

@@ -42,14 +42,6 @@ def assert_as_reference(logits, labels, upstream, **kw):
 FILTERS = [dict(top_k=20), dict(top_p=0.8), dict(min_p=0.05), dict(top_k=50, top_p=0.9, min_p=0.05)]
 
 
-@pytest.fixture
-def kernel_backend():
-    """The C++ kernels only in this file: the Triton threshold kernel is too slow under the interpreter for
-    these sizes (minutes per call); it is exercised by tests/ops/test_sampling_threshold.py's smoke test."""
-    with backend.use_backend("cpp"):
-        yield "cpp"
-
-
 @pytest.mark.parametrize("filters", FILTERS, ids=[str(f) for f in FILTERS])
 def test_matches_sort_reference_float64(kernel_backend, filters):
     rows, V = (3, 300) if kernel_backend == "triton" else (12, 2000)

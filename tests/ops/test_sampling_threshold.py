@@ -56,14 +56,6 @@ FILTERS = [
 ]
 
 
-@pytest.fixture
-def kernel_backend():
-    """The C++ kernels only in this file: the Triton threshold kernel is too slow under the interpreter for
-    these sizes (minutes per call); it is exercised by tests/ops/test_sampling_threshold.py's smoke test."""
-    with backend.use_backend("cpp"):
-        yield "cpp"
-
-
 @pytest.mark.parametrize("filters", FILTERS, ids=[str(f) for f in FILTERS])
 @pytest.mark.parametrize("V", [1, 7, 1000, 2049])
 def test_matches_sort_reference(kernel_backend, filters, V):
@@ -221,11 +213,3 @@ def test_cpp_op_checks_its_arguments(name, args):
 def test_public_export():
     assert fastrlhf.sampling_threshold is sampling_threshold
     assert reference.sampling_threshold is not None
-
-
-def test_triton_kernel_smoke():
-    """The Triton threshold kernel, interpreted, on one small combined case (the interpreter takes minutes per
-    call at the sizes the other tests use; the kernel still needs a run on a GPU)."""
-    pytest.importorskip("triton")
-    with backend.use_backend("triton"):
-        assert_kept_as_reference(logits_for(2, 37, seed=1), temperature=0.7, top_k=5, top_p=0.8, min_p=0.05)
