@@ -165,9 +165,10 @@ def test_opcheck(kernel_backend):
     fwd = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, inv_temp, None, None, None, IGNORE,
            4, 5)
     torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_forward, fwd)
-    _, entropy, lse, threshold = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(),
-                                                                            *fwd[3:])
-    assert threshold.shape == (0,)
+    torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_forward, (*fwd, True))  # with the extras
+    _, entropy, lse, threshold, extras = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(),
+                                                                                    b.detach(), *fwd[3:])
+    assert threshold.shape == (0,) and extras.shape == (0,)
     g = upstream_for(labels)
     for needs in ([True, True, True], [True, False, False]):
         bwd = (h.detach(), w.detach(), b.detach(), labels, inv_temp, None, lse, entropy, g[0], g[1], IGNORE, 4, 5,

@@ -129,8 +129,8 @@ def test_opcheck(kernel_backend):
     filters = (torch.tensor([3, 0, 40, 5, 1, 2, 0, 0, 9]), torch.full((9,), 0.8), torch.full((9,), 0.02))
     fwd = (h, w, b, labels, torch.full((9,), 1.25), *filters, IGNORE, 4, 5)
     torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs_forward, fwd)
-    _, entropy, lse, threshold = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(),
-                                                                            *fwd[3:])
+    _, entropy, lse, threshold, _ = torch.ops.fastrlhf.linear_logprobs_forward(h.detach(), w.detach(), b.detach(),
+                                                                               *fwd[3:])
     assert threshold.shape == (9,) and threshold.isfinite().all()
     g = upstream.float()
     bwd = (h.detach(), w.detach(), b.detach(), labels, fwd[4], threshold, lse, entropy, g[0], g[1], IGNORE, 4, 5,

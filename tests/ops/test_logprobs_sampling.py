@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastrlhf
-from fastrlhf import backend, reference
+from fastrlhf import reference
 
 F64 = torch.float64
 
