@@ -1,14 +1,31 @@
-"""What the verl, TRL and OpenRLHF integrations share: entropy alone from ``fastrlhf.logprobs``, and the
-``match_dtype`` option of their ``patch()``."""
+"""What the verl, TRL and OpenRLHF integrations share: entropy alone from ``fastrlhf.logprobs``, the
+``match_dtype`` option of their ``patch()``, and a call's arguments by the original's own names."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import inspect
+from typing import Callable, Optional
 
 import torch
 
 import fastrlhf
+
+
+def arguments_of(original: Callable) -> Callable[..., Optional[dict]]:
+    """A function of ``(*args, **kwargs)`` giving a call's arguments by the names of ``original``'s signature,
+    defaults applied, or None where they do not bind (the replacement then calls ``original``, which raises
+    its own error)."""
+    signature = inspect.signature(original)
+
+    def bind(*args, **kwargs) -> Optional[dict]:
+        try:
+            call = signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        call.apply_defaults()
+        return call.arguments
+    return bind
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

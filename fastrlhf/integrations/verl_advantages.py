@@ -31,13 +31,13 @@ and (GRPO) an ``epsilon`` that is not a finite number >= 0.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 
 import numpy as np
 import torch
 
 import fastrlhf
+from fastrlhf.integrations._shared import arguments_of
 from fastrlhf.integrations.verl_policy_loss import finite_number
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -60,16 +60,13 @@ def replacements() -> dict:
 
 
 def _replacement(original, *, estimator, singleton, grouping):
-    signature = inspect.signature(original)
+    bind = arguments_of(original)
 
     @functools.wraps(original)
     def replacement(*args, **kwargs):
-        try:
-            call = signature.bind(*args, **kwargs)
-        except TypeError:
+        a = bind(*args, **kwargs)
+        if a is None:
             return original(*args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
         rewards, mask, epsilon = a["token_level_rewards"], a["response_mask"], a["epsilon"]
         ids = _group_ids(a["index"], grouping, rewards) if _tensors_covered(rewards, mask) else None
         if ids is None or (estimator == "grpo" and not (finite_number(epsilon) and epsilon >= 0)):

@@ -45,7 +45,6 @@ sequence masks promote a bf16 loss).
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 import sys
@@ -54,6 +53,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import fastrlhf
+from fastrlhf.integrations._shared import arguments_of
 from fastrlhf import checks
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -117,19 +117,16 @@ class Plan(NamedTuple):
 
 
 def _replacement(original, *, loss_type, metric_keys, match_dtype):
-    signature = inspect.signature(original)
+    bind = arguments_of(original)
 
     @functools.wraps(original)
     def replacement(*args, **kwargs):
-        try:
-            call = signature.bind(*args, **kwargs)
-        except TypeError:
+        a = bind(*args, **kwargs)
+        if a is None:
             return original(*args, **kwargs)
-        call.apply_defaults()
-        plan = _plan(loss_type, **call.arguments)
+        plan = _plan(loss_type, **a)
         if plan is None:
             return original(*args, **kwargs)
-        a = call.arguments
         loss, metrics = fastrlhf.policy_loss(a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"],
                                              loss_type=loss_type, rollout_is_weights=a["rollout_is_weights"],
                                              **plan.options)
