@@ -545,15 +545,15 @@ def _optional(t, like):
     return like if t is None else t
 
 
-def _carries(summary_kernel, inputs, coefficients, flags, bootstrap_value, like, n, rows, block_s, block_t, chunked,
-             reverse):
+def _carries(summary_kernel, inputs, coefficients, flags, bootstrap_value, like, n, rows, block_t, chunked, reverse):
     """(grid, carries, ROWS) of a scan kernel's launch. One pass: a program per BLOCK_S sequences, no
     carries (``like`` stands in). Chunked: a program per chunk (at most n // BLOCK_T + rows), and the state
     entering each chunk ([4, grid], fp32 or fp64 for fp64), from the chunk maps of ``summary_kernel``
     scanned by ``gae_carries_kernel`` (``reverse``: from each sequence's end)."""
+    grid = programs(n, rows)
     if not chunked:
-        return triton.cdiv(rows, block_s), like, 1
-    grid, rows_block = n // block_t + rows, triton.next_power_of_2(rows + 1)
+        return grid, like, 1
+    rows_block = triton.next_power_of_2(rows + 1)
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     summary, carries = (like.new_empty((k, grid), dtype=dtype) for k in (10, 4))
     summary_kernel[(grid,)](*inputs, *coefficients, summary, rows, n, grid, **flags, ROWS=rows_block, BLOCK_T=block_t,
@@ -573,7 +573,7 @@ def gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, l
     coefficients = (offsets, gamma, lam, _optional(returns_lam, lam))
     flags = dict(HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked)
     grid, carries, rows_block = _carries(gae_forward_summary_kernel, inputs, coefficients, flags, bootstrap_value,
-                                         rewards, n, rows, block_s, block_t, chunked, reverse=True)
+                                         rewards, n, rows, block_t, chunked, reverse=True)
     gae_forward_kernel[(grid,)](
         *inputs, _optional(bootstrap_value, rewards), *coefficients, carries, advantages, returns, rows, n,
         carries.shape[-1], **flags, HAS_BOOT=bootstrap_value is not None, CHUNKED=chunked, ROWS=rows_block,
@@ -589,7 +589,7 @@ def gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam
     coefficients = (offsets, gamma, lam, _optional(returns_lam, lam))
     flags = dict(HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked)
     grid, carries, rows_block = _carries(gae_backward_summary_kernel, inputs, coefficients, flags, None,
-                                         grad_advantages, n, rows, block_s, block_t, chunked, reverse=False)
+                                         grad_advantages, n, rows, block_t, chunked, reverse=False)
     gae_backward_kernel[(grid,)](
         *inputs, *coefficients, carries, grad_rewards, grad_values, grad_bootstrap, rows, n, carries.shape[-1],
         **flags, CHUNKED=chunked, ROWS=rows_block, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
