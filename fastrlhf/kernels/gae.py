@@ -26,10 +26,14 @@ crosses it).
 
 Bytes moved, per position (fp32 data, bool mask and dones): the floor is every input read once and every
 output written once, 18 B forward (rewards, values, mask, dones in; advantages, returns out) and 18 B
-backward (two upstream gradients, mask, dones in; two gradients out). One pass moves the floor. Chunked
-reads the inputs twice (summary, then rescan): 28 B, 1.56x the floor, plus 14 floats per chunk of
-``BLOCK_T`` (summaries and carries, under 2 % at ``BLOCK_T`` = 1024). The second read of a batch that
-fits in L2 (B=64 T=8192: 5 MB of inputs; an H100/H200 has 50 MB) comes from L2, not HBM.
+backward (two upstream gradients, mask, dones in; two gradients out). One pass: the floor forward; the
+backward also stores u to grad_values and reads it back one position later before the gradient
+overwrites it (+8 B, from L1/L2). The flags at t + 1 (t - 1) are re-read from cache. Chunked reads the
+inputs twice (chunk maps, then the rescan): 28 B forward (1.56x the floor), 36 B backward, plus 14
+floats per chunk of ``BLOCK_T`` positions written and read (under 2 % at ``BLOCK_T`` = 256, 0.5 % at
+1024). The second read of a batch that fits in L2 (B=64 T=8192 fp32: 5 MB of inputs; H100/H200: 50 MB)
+comes from L2, not HBM. The chunked grid has up to ``rows`` programs that find no chunk and exit (every
+sequence may end in a partial chunk, which the host cannot know without a sync).
 """
 
 from __future__ import annotations
