@@ -549,54 +549,53 @@ def _optional(t, like):
     return like if t is None else t
 
 
-def _carries(summary_kernel, inputs, coefficients, flags, bootstrap_value, like, n, rows, block_t, chunked, reverse):
-    """(grid, carries, ROWS) of a scan kernel's launch. One pass: a program per BLOCK_S sequences, no
-    carries (``like`` stands in). Chunked: a program per chunk (at most n // BLOCK_T + rows), and the state
-    entering each chunk ([4, grid], fp32 or fp64 for fp64), from the chunk maps of ``summary_kernel``
-    scanned by ``gae_carries_kernel`` (``reverse``: from each sequence's end)."""
-    grid = programs(n, rows)
-    if not chunked:
-        return grid, like, 1
-    rows_block = triton.next_power_of_2(rows + 1)
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    summary, carries = (like.new_empty((k, grid), dtype=dtype) for k in (10, 4))
-    summary_kernel[(grid,)](*inputs, *coefficients, summary, rows, n, grid, **flags, ROWS=rows_block, BLOCK_T=block_t,
-                            num_warps=NUM_WARPS)
-    gae_carries_kernel[(rows,)](summary, carries, _optional(bootstrap_value, summary), coefficients[0], rows, n, grid,
-                                HAS_BOOT=bootstrap_value is not None, REVERSE=reverse, ROWS=rows_block, CHUNK=block_t,
-                                BLOCK_C=min(CARRY_BLOCK, triton.next_power_of_2(n // block_t + 1)), num_warps=4)
-    return grid, carries, rows_block
+def _launch(summary_kernel, scan_kernel, data, mask, dones, offsets, gamma, lam, returns_lam, zero_masked, outputs,
+            bootstrap_value, reverse):
+    """Runs a scan in the layout ``_plan`` picks: ``data`` its two float inputs, ``reverse`` the forward
+    recurrence (from each sequence's end; its scan kernel also reads ``bootstrap_value``).
+
+    One pass: a program per BLOCK_S sequences (``data[0]`` stands in for the carries it does not read).
+    Chunked: a program per chunk (at most n // BLOCK_T + rows); ``summary_kernel`` writes the chunk maps,
+    ``gae_carries_kernel`` scans them per sequence into the state entering each chunk ([4, grid], fp32,
+    fp64 for fp64), from which ``scan_kernel`` rescans its chunk."""
+    like = data[0]
+    rows, n = offsets.numel() - 1, like.numel()
+    block_s, block_t, chunked = _plan(n, rows)
+    inputs = (*data, _optional(mask, like), _optional(dones, like))
+    coefficients = (offsets, gamma, lam, _optional(returns_lam, lam))
+    flags = dict(HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked)
+    grid, carries, rows_block = programs(n, rows), like, 1
+    if chunked:
+        rows_block = triton.next_power_of_2(rows + 1)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        summary, carries = (like.new_empty((k, grid), dtype=dtype) for k in (10, 4))
+        summary_kernel[(grid,)](*inputs, *coefficients, summary, rows, n, grid, **flags, ROWS=rows_block,
+                                BLOCK_T=block_t, num_warps=NUM_WARPS)
+        gae_carries_kernel[(rows,)](summary, carries, _optional(bootstrap_value, summary), offsets, rows, n, grid,
+                                    HAS_BOOT=bootstrap_value is not None, REVERSE=reverse, ROWS=rows_block,
+                                    CHUNK=block_t, BLOCK_C=min(CARRY_BLOCK, triton.next_power_of_2(n // block_t + 1)),
+                                    num_warps=4)
+    # The forward's scan kernel also reads the bootstrap values, right after its inputs.
+    boot, has_boot = ((), {})
+    if reverse:
+        boot, has_boot = (_optional(bootstrap_value, like),), {"HAS_BOOT": bootstrap_value is not None}
+    scan_kernel[(grid,)](*inputs, *boot, *coefficients, carries, *outputs, rows, n, carries.shape[-1], **flags,
+                         **has_boot, CHUNKED=chunked, ROWS=rows_block, BLOCK_S=block_s, BLOCK_T=block_t,
+                         num_warps=NUM_WARPS)
 
 
 def gae_forward(rewards, values, mask, dones, bootstrap_value, offsets, gamma, lam, returns_lam, zero_masked,
                 advantages, returns):
     """Launches the forward scan; arguments as ``torch.ops.fastrlhf.gae_forward`` (flat, checked)."""
-    rows, n = offsets.numel() - 1, rewards.numel()
-    block_s, block_t, chunked = _plan(n, rows)
-    inputs = (rewards, values, _optional(mask, rewards), _optional(dones, rewards))
-    coefficients = (offsets, gamma, lam, _optional(returns_lam, lam))
-    flags = dict(HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked)
-    grid, carries, rows_block = _carries(gae_forward_summary_kernel, inputs, coefficients, flags, bootstrap_value,
-                                         rewards, n, rows, block_t, chunked, reverse=True)
-    gae_forward_kernel[(grid,)](
-        *inputs, _optional(bootstrap_value, rewards), *coefficients, carries, advantages, returns, rows, n,
-        carries.shape[-1], **flags, HAS_BOOT=bootstrap_value is not None, CHUNKED=chunked, ROWS=rows_block,
-        BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
+    _launch(gae_forward_summary_kernel, gae_forward_kernel, (rewards, values), mask, dones, offsets, gamma, lam,
+            returns_lam, zero_masked, (advantages, returns), bootstrap_value, reverse=True)
 
 
 def gae_backward(grad_advantages, grad_returns, mask, dones, offsets, gamma, lam, returns_lam, zero_masked,
                  grad_rewards, grad_values, grad_bootstrap):
     """Launches the backward scan; arguments as ``torch.ops.fastrlhf.gae_backward``."""
-    rows, n = offsets.numel() - 1, grad_advantages.numel()
-    block_s, block_t, chunked = _plan(n, rows)
-    inputs = (grad_advantages, grad_returns, _optional(mask, grad_advantages), _optional(dones, grad_advantages))
-    coefficients = (offsets, gamma, lam, _optional(returns_lam, lam))
-    flags = dict(HAS_MASK=mask is not None, HAS_DONES=dones is not None, ZERO_MASKED=zero_masked)
-    grid, carries, rows_block = _carries(gae_backward_summary_kernel, inputs, coefficients, flags, None,
-                                         grad_advantages, n, rows, block_t, chunked, reverse=False)
-    gae_backward_kernel[(grid,)](
-        *inputs, *coefficients, carries, grad_rewards, grad_values, grad_bootstrap, rows, n, carries.shape[-1],
-        **flags, CHUNKED=chunked, ROWS=rows_block, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=NUM_WARPS)
+    _launch(gae_backward_summary_kernel, gae_backward_kernel, (grad_advantages, grad_returns), mask, dones, offsets,
+            gamma, lam, returns_lam, zero_masked, (grad_rewards, grad_values, grad_bootstrap), None, reverse=False)
 
 
 def aot_cases():

@@ -357,18 +357,8 @@ def test_layouts_bad_offsets_unchecked_poison_every_output(triton_layout, unchec
 
 
 def test_layouts_coefficients_outside_unit_interval_unchecked_poison_their_sequence(triton_layout, unchecked_values):
-    r, v, mask, dones, boot = inputs(3, 40, seed=32)
     assert_layout(triton_layout, 120, 3)
-    gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
-    leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
-    adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
-                            lam=torch.tensor([0.9, 0.9, -0.1], dtype=F64))
-    want = reference.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=gamma, lam=0.9)
-    for got, exact in zip((adv, ret), want):
-        assert got[1:].isnan().all()
-        torch.testing.assert_close(got[0], exact[0])
-    for g in torch.autograd.grad((adv + ret).sum(), leaves):
-        assert g[1:].isnan().all() and g[0].isfinite().all()
+    assert_bad_coefficients_poison_their_sequence(40)
 
 
 def test_layout_fills_the_gpu():
@@ -541,12 +531,20 @@ def test_bad_offsets_unchecked_poison_every_output(kernel_backend, unchecked_val
 
 
 def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kernel_backend, unchecked_values):
-    r, v, mask, dones, boot = inputs(3, 20, seed=27)
+    r, v, mask, _, _ = inputs(3, 20, seed=27)
     gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
     if kernel_backend == "cpp":
         with pytest.raises(RuntimeError, match="gamma"):
             fastrlhf.gae(r, v, mask, gamma=gamma)
         return
+    assert_bad_coefficients_poison_their_sequence(20)
+
+
+def assert_bad_coefficients_poison_their_sequence(T):
+    """gamma of sequence 1 and lam of sequence 2 outside [0, 1]: their outputs and gradients NaN, the rest
+    exact."""
+    r, v, mask, dones, boot = inputs(3, T, seed=27)
+    gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
     leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
     adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
                             lam=torch.tensor([0.9, 0.9, -0.1], dtype=F64))
@@ -554,8 +552,7 @@ def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kern
     for got, exact in zip((adv, ret), want):
         assert got[1:].isnan().all()
         torch.testing.assert_close(got[0], exact[0])
-    grads = torch.autograd.grad((adv + ret).sum(), leaves)
-    for g in grads:
+    for g in torch.autograd.grad((adv + ret).sum(), leaves):
         assert g[1:].isnan().all() and g[0].isfinite().all()
 
 
