@@ -1,17 +1,18 @@
 """Triton kernels of ``fastrlhf.logprobs``: one program per row, online softmax over vocab tiles.
 
-Forward, per row with ``z = x / T`` (fp32; fp64 for fp64 logits) and a running max ``m``: each tile's
-max first, then its exponentials against the raised max, so the row is read once whatever V is:
-``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``, ``lse = m + log s``, ``H = log s - u / s``.
-Raising the max to ``m'`` rescales both: ``s' = s f``, ``u' = f (u + (m - m') s)`` with ``f = e^(m - m')``.
+Forward, per row with ``z = x / T`` (fp32; fp64 for fp64 logits), online softmax per lane: each of the
+tile's ``BLOCK_V`` lanes keeps its own running max ``m``, ``s = sum exp(z - m)`` and
+``u = sum exp(z - m) (z - m)`` over the logits it sees, so the row is read once whatever V is and the only
+block-wide reductions are the three at the row's end; ``lse = m + log s``, ``H = log s - u / s``.
+Raising a max to ``m'`` rescales both: ``s' = s f``, ``u' = f (u + (m - m') s)`` with ``f = e^(m - m')``.
 
 Backward, per element with ``d = z - lse`` (= log p): ``dz = p (a + b d)`` plus ``g_logp`` at the label,
 ``a = -(g_logp + g_ent H)``, ``b = -g_ent``, all times ``1/T``. Each tile is read before it is written,
 so the gradient may overwrite the logits (in-place backward).
 
-``EXTRAS`` (TRL's ``ChunkedLogProbFunction`` outputs, no threshold): also ``log sum p^2`` (``q = sum
-exp(z - m)^2`` rescaled by ``f^2``), the mean of ``z`` and whether the label is the first arg-max (the max
-of the columns before it), into ``extras`` ``[3, rows]``.
+``EXTRAS`` (TRL's ``ChunkedLogProbFunction`` outputs, no threshold): also ``log sum p^2`` (per lane
+``q = sum exp(z - m)^2``, rescaled by ``f^2`` as the max rises), the mean of ``z`` and whether the label is
+the first arg-max (the max of the columns before it), into ``extras`` ``[3, rows]``.
 
 ``HAS_THRESHOLD``: a per-row threshold (accumulation dtype) restricts the row to a kept set: a logit whose
 ``z`` is below it counts as ``-inf`` (outside the sums, zero gradient), and so does the label's (log-prob
@@ -50,34 +51,37 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
         threshold = _row_threshold(threshold_ptr, row, HAS_THRESHOLD)
         x_row = x_ptr + _row_offset(row, T, stride_b, stride_t)
         cols = tl.arange(0, BLOCK_V)
-        m = tl.full([], -float("inf"), ACC)
-        s = tl.zeros([], ACC)
-        u = tl.zeros([], ACC)
-        q = tl.zeros([], ACC)  # EXTRAS: sum exp(z - m)^2, the sum of z, the max of z before the label
-        z_sum = tl.zeros([], ACC)
-        before = tl.full([], -float("inf"), ACC)
+        # Per lane (column of the tile) a running max, sum and entropy sum, combined once at the row's end:
+        # no block-wide reduction (and its barriers) per tile, and one exp per logit.
+        m = tl.full([BLOCK_V], -float("inf"), ACC)
+        s = tl.zeros([BLOCK_V], ACC)
+        u = tl.zeros([BLOCK_V], ACC)
+        q = tl.zeros([BLOCK_V], ACC)  # EXTRAS, per lane: sum exp(z - m)^2, the sum of z, the max before the label
+        z_sum = tl.zeros([BLOCK_V], ACC)
+        before = tl.full([BLOCK_V], -float("inf"), ACC)
         local = label - vocab_start
         for start in range(0, V, BLOCK_V):
             inside = start + cols < V
             z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
                       HAS_THRESHOLD)
             if EXTRAS:
-                z_sum += tl.sum(tl.where(inside, z, 0.0), axis=0)
-                before = tl.maximum(before, tl.max(tl.where(start + cols < local, z, -float("inf")), axis=0))
-            # tl.max drops NaN: a NaN reaches s through its own exp (d propagates it), and s stays NaN.
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf while everything is -inf
-            shift = tl.maximum(m - base, -FLOAT_MAX)
-            f = tl.exp(shift)
-            u = f * (u + shift * s)
-            s = f * s
-            d = tl.maximum(z - base, -FLOAT_MAX, propagate_nan=tl.PropagateNan.ALL)
-            e = tl.exp(d)
-            s += tl.sum(e, axis=0)
-            u += tl.sum(e * d, axis=0)
-            if EXTRAS:
-                q = f * f * q + tl.sum(e * e, axis=0)
-            m = m_new
+                # The squared terms follow the same max: rescaled by e^(2 (m - z)) when z raises it.
+                up = z > m
+                e2 = tl.exp(2 * tl.where(up, tl.maximum(m - z, -FLOAT_MAX),
+                                         tl.maximum(z - tl.where(m == -float("inf"), 0.0, m), -FLOAT_MAX)))
+                q = tl.where(up, q * e2 + 1.0, q + e2)
+                z_sum += tl.where(inside, z, 0.0)
+                before = tl.maximum(before, tl.where(start + cols < local, z, -float("inf")))
+            m, s, u = _online_step(m, s, u, z)
+        # The lanes' sums against the row's max (NaN in a lane's s or u carries through; +inf logits
+        # make inf - inf here, NaN, as in the sums of one max).
+        lane_m = m
+        m = tl.max(lane_m, axis=0)
+        shift = tl.maximum(lane_m - tl.where(m == -float("inf"), 0.0, m), -FLOAT_MAX,
+                           propagate_nan=tl.PropagateNan.ALL)
+        f = tl.exp(shift)
+        u = tl.sum(f * (u + shift * s), axis=0)
+        s = tl.sum(f * s, axis=0)
         owned = (local >= 0) & (local < V)
         z_label = _kept(tl.load(x_row + local, mask=owned, other=0.0).to(ACC) * inv_t, threshold, HAS_THRESHOLD)
         # Every logit -inf: no distribution, so log-probs -inf and entropy 0. A NaN logit: all NaN.
@@ -96,9 +100,10 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
         tl.store(lse_ptr + row, tl.where(valid, lse, float("nan")))
         if EXTRAS:
             # The first arg-max (as torch.argmax): at least the max, and above every column before it.
-            top1 = (z_label >= m) & (z_label > before) & owned
-            tl.store(extras_ptr + row, tl.where(seen, tl.log(q) - 2 * log_s, -float("inf")))
-            tl.store(extras_ptr + rows + row, z_sum / V)
+            top1 = (z_label >= m) & (z_label > tl.max(before, axis=0)) & owned
+            log_sq = tl.log(tl.sum(f * f * q, axis=0)) - 2 * log_s
+            tl.store(extras_ptr + row, tl.where(seen, log_sq, -float("inf")))
+            tl.store(extras_ptr + rows + row, tl.sum(z_sum, axis=0) / V)
             tl.store(extras_ptr + 2 * rows + row, tl.where(top1, 1.0, 0.0))
 
 
@@ -139,6 +144,20 @@ def logprobs_backward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, lse
             # p * (a + b d) would be 0 * inf at d = -FLOAT_MAX; p d is 0 there.
             grad = p * a + b * (p * d) + tl.where(idx == local, g_logp * inv_t, 0.0)
             tl.store(out_row + idx, grad.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _online_step(m, s, u, z):
+    """Adds logit ``z`` to a lane's running max ``m``, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``
+    with one exp: a new max rescales by ``e^(m - z)`` and adds ``e^0 = 1``; otherwise ``e^(z - m)`` adds. The
+    exponent is clamped to a finite floor (``-inf`` logits add 0, never 0 * inf), a NaN ``z`` never becomes
+    the max (``z > m`` is false) and reaches ``s`` and ``u`` through its own exp."""
+    up = z > m
+    base = tl.where(m == -float("inf"), 0.0, m)  # no -inf - -inf while the lane holds only -inf
+    d = tl.where(up, tl.maximum(m - z, -FLOAT_MAX),
+                 tl.maximum(z - base, -FLOAT_MAX, propagate_nan=tl.PropagateNan.ALL))
+    e = tl.exp(d)
+    return tl.where(up, z, m), tl.where(up, s * e + 1.0, s + e), tl.where(up, e * (u + d * s), u + e * d)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
 """fastrlhf.gae and fastrlhf.masked_whiten against the plain-torch reference, on every backend."""
 
+import importlib
 import math
 
 import pytest
@@ -199,34 +200,38 @@ def test_nan_stays_in_its_sequence(kernel_backend):
 @pytest.mark.parametrize("where", ["reward", "value"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nan_does_not_cross_a_done(kernel_backend, where, bad):
+    assert_nan_does_not_cross_a_done(29, where, bad)
+
+
+def assert_nan_does_not_cross_a_done(done_at, where, bad):
     """A NaN or inf in a later episode leaves the earlier episode of its row finite and equal to the C++
     result; a NaN upstream gradient in an earlier episode leaves the later episode's gradients alone."""
     r, v, mask, _, boot = inputs(2, 70, seed=24)
     dones = torch.zeros(2, 70, dtype=torch.bool)
-    dones[:, 29] = True  # episodes [0, 30) and [30, 70) in each row
-    mask[:, 30:40] = True
-    (r if where == "reward" else v)[0, 35] = bad
+    dones[:, done_at] = True  # episodes [0, done_at] and (done_at, 70) in each row
+    mask[:, done_at + 1:done_at + 11] = True
+    (r if where == "reward" else v)[0, done_at + 6] = bad
     kw = dict(dones=dones, bootstrap_value=boot, gamma=0.9, lam=0.8, returns_lam=0.7)
     leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
     adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
     with backend.use_backend("cpp"):
         want = fastrlhf.gae(r, v, mask, **kw)
     for got, exact in zip((adv, ret), want):
-        assert got[0, :30].isfinite().all()
-        torch.testing.assert_close(got[:, :30], exact[:, :30])
+        assert got[0, :done_at + 1].isfinite().all()
+        torch.testing.assert_close(got[:, :done_at + 1], exact[:, :done_at + 1])
         torch.testing.assert_close(got[1], exact[1])
     upstream = torch.randn(2, 2, 70, generator=torch.Generator().manual_seed(2), dtype=F64)
-    upstream[:, 0, 10] = bad
+    upstream[:, 0, done_at - 19] = bad
     grads = torch.autograd.grad((adv * upstream[0] + ret * upstream[1]).sum(), leaves)
     for g in grads[:2]:
-        assert g[0, 30:].isfinite().all() and g[1].isfinite().all()
+        assert g[0, done_at + 1:].isfinite().all() and g[1].isfinite().all()
     assert grads[2].isfinite().all(), "bootstrap_value's gradient"
     clean = upstream.clone()
-    clean[:, 0, :30] = 0
+    clean[:, 0, :done_at + 1] = 0
     adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, **{**kw, "bootstrap_value": leaves[2]})
     want = torch.autograd.grad((adv * clean[0] + ret * clean[1]).sum(), leaves)
     for g, exact in zip(grads[:2], want):
-        torch.testing.assert_close(g[:, 30:], exact[:, 30:])
+        torch.testing.assert_close(g[:, done_at + 1:], exact[:, done_at + 1:])
     torch.testing.assert_close(grads[2], want[2])
 
 
@@ -264,6 +269,108 @@ def test_gradients_match_reference_multi_tile(kernel_backend):
         grads.append(torch.autograd.grad((adv * weights[0] + ret * weights[1]).sum(), leaves))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y)
+
+
+LAYOUTS = {"one-pass": {"MIN_PROGRAMS": 1}, "chunked": {"MIN_CHUNK": 16, "CARRY_BLOCK": 2}}
+
+
+@pytest.fixture(params=LAYOUTS)
+def triton_layout(request, monkeypatch):
+    """The Triton kernels in each layout on small shapes: one pass (whole sequences per program), or
+    chunked in chunks of 16 positions whose carries are scanned 2 chunks at a time (several scan blocks)."""
+    pytest.importorskip("triton")
+    kernels = importlib.import_module("fastrlhf.kernels.gae")
+    for name, value in LAYOUTS[request.param].items():
+        monkeypatch.setattr(kernels, name, value)
+    with backend.use_backend("triton"):
+        yield request.param
+
+
+def assert_layout(layout, n, rows):
+    """The shape really runs in ``layout`` (so a test of the chunked path cannot pass on the other)."""
+    assert importlib.import_module("fastrlhf.kernels.gae")._plan(n, rows)[2] == (layout == "chunked")
+
+
+@pytest.mark.parametrize("option,B,T", [*((option, 2, 70) for option in OPTIONS), ("dones+bootstrap", 3, 40)],
+                         ids=str)
+def test_layouts_match_reference(triton_layout, option, B, T):
+    """Chunks of 16: T=70 splits into 5 chunks (the first one short), T=40 into 3 (the last one short)."""
+    assert_layout(triton_layout, B * T, B)
+    r, v, mask, dones, boot = inputs(B, T, seed=B * 100 + T, done_rate=0.05)
+    assert_matches_reference(r, v, mask, **build(OPTIONS[option], r, v, mask, dones, boot))
+
+
+@pytest.mark.parametrize("done_at", [31, 32, 47])
+def test_nan_does_not_cross_a_done_at_chunk_edges(triton_layout, done_at):
+    """Dones at the last and the first position of a chunk of 16, NaN or inf in the next chunk."""
+    assert_layout(triton_layout, 140, 2)
+    assert_nan_does_not_cross_a_done(done_at, "value", math.nan)
+    assert_nan_does_not_cross_a_done(done_at, "reward", math.inf)
+
+
+def test_layouts_packed_with_gradients(triton_layout):
+    """Packed sequences of 40, 0, 90, 1 and 33 tokens (chunked: 3 + 1 + 6 + 1 + 3 chunks), with holes,
+    dones, per-sequence coefficients and bootstrap values, against the reference, gradients included."""
+    lengths = [40, 0, 90, 1, 33]
+    assert_layout(triton_layout, sum(lengths), len(lengths))
+    g = torch.Generator().manual_seed(29)
+    n = sum(lengths)
+    r, v = torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    mask, dones = torch.rand(n, generator=g) > 0.2, torch.rand(n, generator=g) < 0.05
+    gamma, boot = torch.rand(5, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    weights = torch.randn(2, n, generator=g, dtype=F64)
+    grads = []
+    for run in (fastrlhf.gae, reference.gae):
+        leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
+        adv, ret = run(leaves[0], leaves[1], mask, dones=dones, cu_seqlens=cu, gamma=gamma, lam=0.9,
+                       returns_lam=0.7, bootstrap_value=leaves[2])
+        grads.append((adv, ret, *torch.autograd.grad((adv * weights[0] + ret * weights[1]).sum(), leaves)))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("mask_mode", ["skip", "zero"])
+def test_layouts_gradcheck(triton_layout, mask_mode):
+    """T=33: chunks of 16, 16 and 1."""
+    assert_layout(triton_layout, 66, 2)
+    r, v, mask, dones, boot = inputs(2, 33, seed=30, done_rate=0.1)
+    args = tuple(x.requires_grad_() for x in (r, v, boot))
+
+    def fn(r, v, boot):
+        return fastrlhf.gae(r, v, mask, dones=dones, bootstrap_value=boot, gamma=torch.tensor([0.9, 0.5], dtype=F64),
+                            lam=0.8, returns_lam=0.6, mask_mode=mask_mode)
+
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("offsets", [[0, 50, 30, 96], [0, 50, 90], [20, 96], [-30, 50, 120]], ids=str)
+def test_layouts_bad_offsets_unchecked_poison_every_output(triton_layout, unchecked_values, offsets):
+    assert_layout(triton_layout, 96, len(offsets) - 1)
+    r, v, mask, dones, _ = inputs(1, 96, seed=31)
+    leaves = [x.view(-1).clone().requires_grad_() for x in (r, v)]
+    adv, ret = fastrlhf.gae(*leaves, mask.view(-1), dones=dones.view(-1), cu_seqlens=torch.tensor(offsets), gamma=0.9,
+                            lam=0.8)
+    assert adv.isnan().all() and ret.isnan().all()
+    assert all(g.isnan().all() for g in torch.autograd.grad((adv + ret).sum(), leaves))
+
+
+def test_layouts_coefficients_outside_unit_interval_unchecked_poison_their_sequence(triton_layout, unchecked_values):
+    assert_layout(triton_layout, 120, 3)
+    assert_bad_coefficients_poison_their_sequence(40)
+
+
+def test_layout_fills_the_gpu():
+    """Few long rows are chunked into at least 2 programs per SM of a 132-SM GPU; many rows run in one
+    pass, with as many programs as rows at T=4096."""
+    kernels = pytest.importorskip("fastrlhf.kernels.gae")
+    assert kernels._plan(64 * 8192, 64) == (1, 1024, True)
+    assert kernels.programs(64 * 8192, 64) == 64 * 8 + 64
+    assert kernels._plan(16 * 32768, 16)[2] and kernels.programs(16 * 32768, 16) >= 2 * 132
+    assert kernels._plan(512 * 4096, 512) == (1, 1024, False)
+    assert kernels.programs(512 * 4096, 512) == 512
+    assert not kernels._plan(1024 * 256, 1024)[2]
 
 
 def test_opcheck(kernel_backend):
@@ -424,12 +531,20 @@ def test_bad_offsets_unchecked_poison_every_output(kernel_backend, unchecked_val
 
 
 def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kernel_backend, unchecked_values):
-    r, v, mask, dones, boot = inputs(3, 20, seed=27)
+    r, v, mask, _, _ = inputs(3, 20, seed=27)
     gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
     if kernel_backend == "cpp":
         with pytest.raises(RuntimeError, match="gamma"):
             fastrlhf.gae(r, v, mask, gamma=gamma)
         return
+    assert_bad_coefficients_poison_their_sequence(20)
+
+
+def assert_bad_coefficients_poison_their_sequence(T):
+    """gamma of sequence 1 and lam of sequence 2 outside [0, 1]: their outputs and gradients NaN, the rest
+    exact."""
+    r, v, mask, dones, boot = inputs(3, T, seed=27)
+    gamma = torch.tensor([0.9, 1.5, 0.8], dtype=F64)
     leaves = [x.clone().requires_grad_() for x in (r, v, boot)]
     adv, ret = fastrlhf.gae(leaves[0], leaves[1], mask, dones=dones, bootstrap_value=leaves[2], gamma=gamma,
                             lam=torch.tensor([0.9, 0.9, -0.1], dtype=F64))
@@ -437,8 +552,7 @@ def test_coefficients_outside_unit_interval_unchecked_poison_their_sequence(kern
     for got, exact in zip((adv, ret), want):
         assert got[1:].isnan().all()
         torch.testing.assert_close(got[0], exact[0])
-    grads = torch.autograd.grad((adv + ret).sum(), leaves)
-    for g in grads:
+    for g in torch.autograd.grad((adv + ret).sum(), leaves):
         assert g[1:].isnan().all() and g[0].isfinite().all()
 
 
