@@ -222,8 +222,8 @@ def _block(V: int) -> int:
 def aot_cases():
     """(label, launch) pairs for ``fastrlhf.kernels.compile``: forward and backward of ``fastrlhf.logprobs`` on
     shifted ``logits[:, :-1]`` as trainers pass them (fp32 and bf16; a vocabulary divisible by 16 and an odd
-    one; with and without the entropy) and of ``fastrlhf.linear_logprobs`` (vocab slices), so the compiled
-    variants are those these launch."""
+    one; with and without the entropy) and of ``fastrlhf.linear_logprobs`` (vocab slices; with TRL's
+    extras), so the compiled variants are those these launch."""
     import torch
 
     import fastrlhf
@@ -236,11 +236,12 @@ def aot_cases():
             torch.autograd.grad([o.sum() for o in (out if entropy else (out,))], logits)
         return run
 
-    def linear(dtype):
+    def linear(dtype, extras=False):
         def run():
             hidden, weight = torch.randn(32, 64).to(dtype).requires_grad_(), torch.randn(32000, 64).to(dtype)
-            logp, entropy = fastrlhf.linear_logprobs(hidden, weight.requires_grad_(), torch.randint(0, 32000, (32,)),
-                                                     return_entropy=True)
+            logp, entropy, *_ = fastrlhf.linear_logprobs(hidden, weight.requires_grad_(),
+                                                         torch.randint(0, 32000, (32,)), return_entropy=True,
+                                                         return_extras=extras)
             torch.autograd.grad((logp.sum(), entropy.sum()), (hidden, weight))
         return run
 
@@ -250,4 +251,5 @@ def aot_cases():
         cases += [(f"logprobs [2, 5, {vocab}][:, :-1] {name}{' entropy' if entropy else ''}",
                    shifted(vocab, dtype, entropy)) for vocab, entropy in ((151936, True), (50257, False))]
         cases.append((f"linear_logprobs N=32 H=64 V=32000 {name}", linear(dtype)))
+        cases.append((f"linear_logprobs N=32 H=64 V=32000 {name} extras (TRL)", linear(dtype, extras=True)))
     return cases
