@@ -414,7 +414,7 @@ void logprobs_backward(const at::Tensor& logits, const at::Tensor& labels, const
 TORCH_LIBRARY_FRAGMENT(fastrlhf_cpp, m) {
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, int ignore_index, "
-      "int vocab_start, int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse, Tensor(d!)? extras) -> ()");
+      "int vocab_start, int vocab_size, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) lse, Tensor(d!)? extras=None) -> ()");
   m.def(
       "logprobs_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor? threshold, Tensor lse, "
       "Tensor? entropy, Tensor grad_logp, Tensor? grad_entropy, int ignore_index, int vocab_start, "
