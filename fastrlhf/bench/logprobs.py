@@ -21,8 +21,21 @@ def _inputs(tokens: int, vocab: int, dtype=torch.float32, seed=0):
     return logits, labels, upstream
 
 
-def _forward(fn):
-    return lambda logits, labels, upstream: fn(logits, labels, temperature=0.7, return_entropy=True)
+# The sampler's filters of issue 15's benchmark: vLLM's processed log-probs.
+FILTERS = dict(top_k=50, top_p=0.9, min_p=0.05)
+
+
+def _sampled_inputs(tokens: int, vocab: int):
+    """As ``_inputs``, with labels the sampler could draw (a kept token: half the row maxima, half the
+    tokens ranked 2nd), so the log-probs compared are finite."""
+    logits, labels, upstream = _inputs(tokens, vocab)
+    ranked = logits.topk(2, dim=-1).indices
+    drawn = torch.where(torch.arange(tokens) % 2 == 0, ranked[:, 0], ranked[:, 1])
+    return logits, torch.where(labels == -100, labels, drawn), upstream
+
+
+def _forward(fn, **kw):
+    return lambda logits, labels, upstream: fn(logits, labels, temperature=0.7, return_entropy=True, **kw)
 
 
 def _forward_backward(fn, **kw):
@@ -62,6 +75,13 @@ def cases(quick: bool) -> list[Case]:
         out.append(Case("logprobs fwd+bwd in place", shape, make,
                         _forward_backward(fastrlhf.logprobs, inplace_backward=True), backward_refs,
                         3 * logits_bytes, _same_grad))
+    # The filtered forward against the sort-based reference (vLLM's apply_top_k_top_p, then min-p): the
+    # fused op finds each row's threshold by selection (a few passes over the row) and never sorts.
+    tokens, vocab = (256, 8000) if quick else (4096, 32000)
+    out.append(Case("logprobs fwd top_k=50 top_p=0.9 min_p=0.05", f"N={tokens} V={vocab} float32",
+                    lambda t=tokens, v=vocab: _sampled_inputs(t, v), _forward(fastrlhf.logprobs, **FILTERS),
+                    {"sort-based (vLLM)": _forward(reference.logprobs, **FILTERS)}, tokens * vocab * 4,
+                    _same_outputs))
     return out
 
 
