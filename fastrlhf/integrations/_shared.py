@@ -1,31 +1,33 @@
 """What the verl, TRL and OpenRLHF integrations share: entropy alone from ``fastrlhf.logprobs``, the
-``match_dtype`` option of their ``patch()``, and a call's arguments by the original's own names."""
+``match_dtype`` option of their ``patch()``, and replacements that take a call's arguments by name."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Optional
+from typing import Any, Callable
 
 import torch
 
 import fastrlhf
 
 
-def arguments_of(original: Callable) -> Callable[..., Optional[dict]]:
-    """A function of ``(*args, **kwargs)`` giving a call's arguments by the names of ``original``'s signature,
-    defaults applied, or None where they do not bind (the replacement then calls ``original``, which raises
-    its own error)."""
+def by_name(original: Callable, run: Callable[[dict], Any]) -> Callable:
+    """A replacement of ``original`` that calls ``run`` with the call's arguments by the names of
+    ``original``'s signature (defaults applied), and ``original`` itself where they do not bind or ``run``
+    returns None (a call fastrlhf does not cover; ``original`` then answers or raises as it does)."""
     signature = inspect.signature(original)
 
-    def bind(*args, **kwargs) -> Optional[dict]:
+    @functools.wraps(original)
+    def replacement(*args, **kwargs):
         try:
             call = signature.bind(*args, **kwargs)
         except TypeError:
-            return None
+            return original(*args, **kwargs)
         call.apply_defaults()
-        return call.arguments
-    return bind
+        result = run(call.arguments)
+        return original(*args, **kwargs) if result is None else result
+    return replacement
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

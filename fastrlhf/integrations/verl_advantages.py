@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import fastrlhf
-from fastrlhf.integrations._shared import arguments_of
+from fastrlhf.integrations._shared import by_name
 from fastrlhf.integrations.verl_policy_loss import finite_number
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -60,24 +60,18 @@ def replacements() -> dict:
 
 
 def _replacement(original, *, estimator, singleton, grouping):
-    bind = arguments_of(original)
-
-    @functools.wraps(original)
-    def replacement(*args, **kwargs):
-        a = bind(*args, **kwargs)
-        if a is None:
-            return original(*args, **kwargs)
+    def run(a):
         rewards, mask, epsilon = a["token_level_rewards"], a["response_mask"], a["epsilon"]
         ids = _group_ids(a["index"], grouping, rewards) if _tensors_covered(rewards, mask) else None
         if ids is None or (estimator == "grpo" and not (finite_number(epsilon) and epsilon >= 0)):
-            return original(*args, **kwargs)
+            return None
         options = {"estimator": estimator, "singleton": singleton}
         if estimator == "grpo":
             options.update(scale="group" if a["norm_adv_by_std_in_grpo"] else "none", eps=float(epsilon))
         with torch.no_grad():
             advantages = _advantages(rewards, mask, ids, options)
         return advantages, advantages
-    return replacement
+    return by_name(original, run)
 
 
 def _advantages(rewards, mask, ids, options):

@@ -53,7 +53,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import fastrlhf
-from fastrlhf.integrations._shared import arguments_of
+from fastrlhf.integrations._shared import by_name
 from fastrlhf import checks
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -117,16 +117,10 @@ class Plan(NamedTuple):
 
 
 def _replacement(original, *, loss_type, metric_keys, match_dtype):
-    bind = arguments_of(original)
-
-    @functools.wraps(original)
-    def replacement(*args, **kwargs):
-        a = bind(*args, **kwargs)
-        if a is None:
-            return original(*args, **kwargs)
+    def run(a):
         plan = _plan(loss_type, **a)
         if plan is None:
-            return original(*args, **kwargs)
+            return None
         loss, metrics = fastrlhf.policy_loss(a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"],
                                              loss_type=loss_type, rollout_is_weights=a["rollout_is_weights"],
                                              **plan.options)
@@ -135,7 +129,7 @@ def _replacement(original, *, loss_type, metric_keys, match_dtype):
         if match_dtype:
             loss = loss.to(plan.dtype)
         return loss, _metrics(metrics, metric_keys)
-    return replacement
+    return by_name(original, run)
 
 
 def _metrics(metrics: dict, metric_keys) -> dict:
