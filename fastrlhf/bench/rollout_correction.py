@@ -8,7 +8,7 @@ import torch
 
 import fastrlhf
 from fastrlhf import reference
-from fastrlhf.bench.case import Case, Check, bound, within
+from fastrlhf.bench.case import Case, Check, bound, compute_dtype, within
 
 # Per token, each input read once and each output written once: old_logp and rollout_logp (fp32) and the
 # mask (bool) read, the weight (fp32) and the kept flag (bool) written.
@@ -85,7 +85,32 @@ def cases(quick: bool) -> list[Case]:
 
 
 def checks() -> list[Check]:
-    """None: the weights are exp of a clamped sum and the rejections are comparisons at thresholds, where a
-    per-element rounding bound does not apply (a token at a threshold flips). Its tests
-    (tests/ops/test_rollout_correction.py) check every backend against the float64 reference."""
-    return []
+    """Truncated importance weights (TIS) at token and sequence level, which are continuous in the inputs:
+    ``min(w, threshold)`` of ``w = exp`` of a clamped log-ratio (sum). Rejection is left out of these
+    checks (a token at a threshold flips either way under any rounding); its tests check it on every
+    backend against the float64 reference."""
+    grid = [(1, 1), (4, 100), (3, 1100)]
+    return [Check("rollout_correction", f"B={B} T={T} is_level={level} is_threshold=2.0", dtype,
+                  lambda device, B=B, T=T, level=level, dtype=dtype: _check(B, T, level, dtype, device))
+            for B, T in grid for level in ("token", "sequence")
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def _check(B: int, T: int, level: str, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Weights and weight metrics against float64 on the rounded inputs. Scale: |w| times 1 plus the |log w|
+    terms it is exp of (the token's, or the sequence's sum): each term's rounding becomes a relative error."""
+    old, rollout, mask = inputs(B, T, seed=B * T)
+    old, rollout = (x.to(dtype).double() for x in (old, rollout))
+    options = dict(is_level=level, is_threshold=2.0)
+    got = fastrlhf.rollout_correction(old.to(device=device, dtype=dtype), rollout.to(device=device, dtype=dtype),
+                                      mask.to(device), **options)
+    exact = reference.rollout_correction(old, rollout, mask, **options)
+    log_w = torch.where(mask, old - rollout, 0).abs()
+    spread = 1 + (log_w.sum(-1, keepdim=True) if level == "sequence" else log_w)
+    compute = compute_dtype(dtype)
+    out = {"weights": within(got[0].cpu(), exact[0], bound(exact[0], exact[0].abs() * spread, compute,
+                                                            torch.float32))}
+    for name in ("is_weight_mean", "is_weight_min", "is_weight_max"):
+        value = exact[2][name].double()
+        out[name] = within(got[2][name].cpu(), value, bound(value, value.abs() * spread.max(), compute, torch.float32))
+    return out

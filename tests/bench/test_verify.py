@@ -95,3 +95,8 @@ def test_group_advantages_passes_on_the_cpp_backend():
 def test_linear_policy_loss_passes_on_the_cpp_backend():
     table, ok = verify.run(interpret=False, ops=("linear_policy_loss",))
     assert ok and table.row_count >= 3 * 3 * 3  # shapes x dtypes x (loss, grad hidden, grad weight)
+
+
+def test_rollout_correction_passes_on_the_cpp_backend():
+    table, ok = verify.run(interpret=False, ops=("rollout_correction",))
+    assert ok and table.row_count >= 3 * 2 * 3 * 4  # shapes x levels x dtypes x (weights, three metrics)
