@@ -527,3 +527,35 @@ def test_extras_from_the_same_pass(kernel_backend, V):
     want = torch.stack([(p * p).sum(-1).log(), z.mean(-1), (z.argmax(-1) == labels).double()])
     want[:, 3] = 0
     torch.testing.assert_close(extras.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("V", [9000, 20000])
+def test_triton_splits_the_vocabulary_when_rows_are_few(monkeypatch, V):
+    """With fewer rows than programs to fill the GPU, the Triton forward splits each row's vocabulary over
+    several programs and combines their (m, s, u) in order: the same results, NaN rows, -inf rows, ignored
+    rows, kept-set thresholds and strided rows included."""
+    from fastrlhf.kernels import logprobs as kernels
+
+    monkeypatch.setattr(kernels, "MIN_PROGRAMS", 10**6)
+    assert kernels.split_layout(6, V)[0] >= 2
+    logits, labels = inputs(6, V, seed=41)
+    labels[3] = 7
+    logits[1, V - 5] = math.nan
+    logits[2, : V // 2] = -math.inf
+    labels[4] = -100
+    up = upstream_for(labels)
+    with fastrlhf.use_backend("triton"):
+        logp, entropy, grad = fused(logits, labels, up)
+        shifted = logits.view(2, 3, V)[:, :2]
+        strided = fastrlhf.logprobs(shifted, labels.view(2, 3)[:, :2], temperature=0.7, return_entropy=True)
+        kept = fastrlhf.logprobs(logits, labels.clamp_min(0), top_k=40, top_p=0.9, return_entropy=True)
+    assert logp[1].isnan() and entropy[1].isnan() and grad[1].isnan().all()
+    clean = [0, 2, 3, 4, 5]
+    assert_close_fp32((logp[clean], entropy[clean], grad[clean]),
+                      exact(logits[clean], labels[clean], (up[0][clean], up[1][clean])))
+    want = reference.logprobs(shifted.double(), labels.view(2, 3)[:, :2], temperature=0.7, return_entropy=True)
+    for got, expected in zip(strided, want):  # row 1 holds the NaN
+        torch.testing.assert_close(got.double(), expected, equal_nan=True, atol=1e-5, rtol=1e-5)
+    want_kept = reference.logprobs(logits.double(), labels.clamp_min(0), top_k=40, top_p=0.9, return_entropy=True)
+    for got, expected in zip(kept, want_kept):
+        torch.testing.assert_close(got.double(), expected, equal_nan=True, atol=1e-5, rtol=1e-5)
