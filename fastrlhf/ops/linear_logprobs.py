@@ -76,13 +76,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, return_entropy=return_entropy, top_k=top_k,
                                          top_p=top_p, min_p=min_p, return_kept=return_kept)
-    _check_parameters(hidden, weight, bias)
-    # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
-    flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
-    flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the matmuls take [N, H]
-    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
+    flat_hidden, flat_labels, inv_temp, filters = canonical_linear(hidden, weight, bias, labels, temperature,
+                                                                   ignore_index, top_k, top_p, min_p)
     vocab = weight.shape[0]
-    check_labels(flat_labels, ignore_index, vocab)
     if return_extras and filters[0] is not None:
         raise ValueError("return_extras: not computed with top_k, top_p or min_p (TRL's outputs are unfiltered)")
     chunk, width = chunking(chunk_size, flat_hidden.shape[0], vocab, weight.shape[1], hidden.device)
@@ -139,6 +135,18 @@ def chunking(chunk_size: Optional[int], tokens: int, vocab: int, hidden: int,
         raise ValueError(f"chunk_size: expected a positive number of tokens, got {chunk_size}")
     chunk = min(chunk_size, max(tokens, 1))
     return chunk, min(vocab, max(1, chunk * vocab // max(tokens, 1)))
+
+
+def canonical_linear(hidden, weight, bias, labels, temperature, ignore_index, top_k, top_p, min_p):
+    """The arguments both linear ops share, checked: ``[N, H]`` hidden states, ``[N]`` int64 labels, ``[N]``
+    1/T and the per-row sampler filters (``(None, None, None)`` without them)."""
+    _check_parameters(hidden, weight, bias)
+    # hidden has exactly the leading shape, dtypes and layout rules of fastrlhf.logprobs' logits.
+    flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
+    flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the GEMMs take [N, H]
+    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
+    check_labels(flat_labels, ignore_index, weight.shape[0])
+    return flat_hidden, flat_labels, inv_temp, filters
 
 
 def _check_parameters(hidden, weight, bias):

@@ -30,13 +30,12 @@ import torch
 from torch import Tensor
 
 from fastrlhf import backend, checks, reference
-from fastrlhf.ops.linear_logprobs import _check_parameters, _chunk_logits, chunk_grads, chunking
-from fastrlhf.ops.logprobs_local import (acc_dtype, backward_into, canonical, check_labels, forward_local,
-                                         kept_upstream)
+from fastrlhf.ops.linear_logprobs import _chunk_logits, canonical_linear, chunk_grads, chunking
+from fastrlhf.ops.logprobs_local import acc_dtype, backward_into, forward_local, kept_upstream
 from fastrlhf.ops.policy_loss import (METRICS, Options, Plan, finish_policy_loss, make_options, plan_policy_loss,
                                       policy_loss_tokens)
 from fastrlhf.ops.policy_loss import _canonical as _canonical_tokens
-from fastrlhf.ops.sampling_threshold import row_filters, threshold_into
+from fastrlhf.ops.sampling_threshold import threshold_into
 
 
 def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
@@ -96,12 +95,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             rollout_is_weights=rollout_is_weights, aggregation=aggregation, kl_aggregation=kl_aggregation,
             entropy_aggregation=entropy_aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
             horizon=horizon, cu_seqlens=cu_seqlens, top_k=top_k, top_p=top_p, min_p=min_p)
-    _check_parameters(hidden, weight, bias)
-    flat_hidden, flat_labels, inv_temp = canonical(hidden, labels, temperature)
-    flat_hidden = flat_hidden.reshape(-1, hidden.shape[-1])  # the GEMMs take [N, H]
-    filters = row_filters(top_k, top_p, min_p, labels.shape, inv_temp) or (None, None, None)
+    flat_hidden, flat_labels, inv_temp, filters = canonical_linear(hidden, weight, bias, labels, temperature,
+                                                                   ignore_index, top_k, top_p, min_p)
     vocab = weight.shape[0]
-    check_labels(flat_labels, ignore_index, vocab)
     acc = acc_dtype(hidden)
     scored = labels != ignore_index
     if mask is not None:
