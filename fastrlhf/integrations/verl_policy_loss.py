@@ -87,25 +87,21 @@ def agg_loss(original, *, match_dtype):
     an advantage of -1 per sequence, whose token loss is ``loss_mat`` itself, aggregated (and differentiated)
     exactly as verl aggregates; masked entries are never read. verl's own function runs where the policy
     losses' would (a floating-point mask, a mode or count it rejects)."""
-    @functools.wraps(original)
-    def replacement(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                    loss_scale_factor=None):
-        info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
-                "loss_scale_factor": loss_scale_factor}
+    def run(a):
+        loss_mat, loss_mask = a["loss_mat"], a["loss_mask"]
+        info = {k: a[k] for k in GLOBAL_BATCH_KEYS if a[k] is not None}
         covered = (isinstance(loss_mat, torch.Tensor) and loss_mat.dim() == 2 and loss_mat.shape[0] > 0
                    and _tensors_covered(loss_mat, loss_mat.detach(), loss_mat.detach(), loss_mask, None))
-        aggregation = _aggregation(loss_agg_mode, {k: v for k, v in info.items() if v is not None}, loss_mat) \
-            if covered else None
+        aggregation = _aggregation(a["loss_agg_mode"], info, loss_mat) if covered else None
         if aggregation is None:
-            return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                            loss_scale_factor)
+            return None
         options, scale, dtype = aggregation
         minus_one = loss_mat.new_full(loss_mat.shape[:1], -1.0)
         loss, _ = fastrlhf.policy_loss(loss_mat, loss_mat.detach(), minus_one, loss_mask, loss_type="reinforce",
                                        **options)
         loss = loss * scale if scale != 1 else loss
         return loss.to(dtype) if match_dtype else loss
-    return replacement
+    return by_name(original, run)
 
 
 class Plan(NamedTuple):
