@@ -70,15 +70,12 @@ def logprobs_forward_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, logp
             inside = start + cols < V
             z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
                       HAS_THRESHOLD)
+            m, s, u, up, e = _online_step(m, s, u, z)
             if EXTRAS:
-                # The squared terms follow the same max: rescaled by e^(2 (m - z)) when z raises it.
-                up = z > m
-                e2 = tl.exp(2 * tl.where(up, tl.maximum(m - z, -FLOAT_MAX),
-                                         tl.maximum(z - tl.where(m == -float("inf"), 0.0, m), -FLOAT_MAX)))
-                q = tl.where(up, q * e2 + 1.0, q + e2)
+                # The squared terms follow the same max: rescaled by e^2 when z raised it, else adding e^2.
+                q = tl.where(up, q * e * e + 1.0, q + e * e)
                 z_sum += tl.where(inside, z, 0.0)
                 before = tl.maximum(before, tl.where(start + cols < local, z, -float("inf")))
-            m, s, u = _online_step(m, s, u, z)
         m, s, u, f = _combine(m, s, u)
         z_label, owned, seen, log_s = _finish_row(x_row, row, label, local, V, vocab_size, inv_t, threshold, m, s, u,
                                                   logp_ptr, entropy_ptr, lse_ptr, HAS_THRESHOLD)
@@ -152,7 +149,7 @@ def logprobs_split_kernel(x_ptr, labels_ptr, inv_temp_ptr, threshold_ptr, stats_
             inside = start + cols < stop
             z = _kept(tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(ACC) * inv_t, threshold,
                       HAS_THRESHOLD)
-            m, s, u = _online_step(m, s, u, z)
+            m, s, u, _, _ = _online_step(m, s, u, z)
         m, s, u, _ = _combine(m, s, u)
         at = row * splits + split
         tl.store(stats_ptr + at, m)
@@ -225,13 +222,14 @@ def _online_step(m, s, u, z):
     """Adds logit ``z`` to a lane's running max ``m``, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``
     with one exp: a new max rescales by ``e^(m - z)`` and adds ``e^0 = 1``; otherwise ``e^(z - m)`` adds. The
     exponent is clamped to a finite floor (``-inf`` logits add 0, never 0 * inf), a NaN ``z`` never becomes
-    the max (``z > m`` is false) and reaches ``s`` and ``u`` through its own exp."""
+    the max (``z > m`` is false) and reaches ``s`` and ``u`` through its own exp. Also returns whether ``z``
+    raised the max and the exp taken, for sums that follow the same max (the extras' ``sum exp(z - m)^2``)."""
     up = z > m
     base = tl.where(m == -float("inf"), 0.0, m)  # no -inf - -inf while the lane holds only -inf
     d = tl.where(up, tl.maximum(m - z, -FLOAT_MAX),
                  tl.maximum(z - base, -FLOAT_MAX, propagate_nan=tl.PropagateNan.ALL))
     e = tl.exp(d)
-    return tl.where(up, z, m), tl.where(up, s * e + 1.0, s + e), tl.where(up, e * (u + d * s), u + e * d)
+    return tl.where(up, z, m), tl.where(up, s * e + 1.0, s + e), tl.where(up, e * (u + d * s), u + e * d), up, e
 
 
 @triton.jit
