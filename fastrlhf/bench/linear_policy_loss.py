@@ -135,11 +135,10 @@ def _check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: tor
     loss, _ = reference.policy_loss(logp_d, old, adv, mask.view(labels.shape), ref_logp=ref, entropy=ent_d, **OPTIONS)
     g_logp, g_ent = (g.flatten() for g in torch.autograd.grad(loss, (logp_d, ent_d)))
     row, _ = scales(z.detach(), z_scale, flat_labels, torch.stack([g_logp, g_ent]), 1.0)
-    row = torch.where(mask, row, 0.0)
     loss_terms, g_error = magnitudes(logp.detach(), old.flatten(), ref.flatten(), seq_adv, entropy.detach().abs() + row,
                                      weight, OPTIONS, logp_scale=row)
     upstream = torch.stack([g_logp.abs() + g_error, g_ent.abs()])
-    _, grad_scale = scales(z.detach(), z_scale, flat_labels.masked_fill(~mask, -100), upstream, 1.0)
+    _, grad_scale = scales(z.detach(), z_scale, flat_labels, upstream, 1.0)
     grad_z = torch.autograd.grad((logp * g_logp).sum() + (entropy * g_ent).sum(), z)[0]
     at_label = torch.zeros_like(z).scatter_(-1, flat_labels.clamp_min(0)[:, None], 1.0)
     g_scale = grad_scale + g_error[:, None] * (z.detach().softmax(-1) + at_label) + (1 + stored_logits) * grad_z.abs()
